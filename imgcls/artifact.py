@@ -1,0 +1,124 @@
+"""The model artifact: what training writes to the model dir and serving reads back.
+
+    model.json   metadata (format version, architecture, classes, eval preprocessing, metrics,
+                 hyperparameters, library versions); docs/artifact.md describes every field
+    model.pt     the state dict, fp32, loadable with torch.load(weights_only=True)
+
+Nothing else is needed to rebuild the model and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from . import __version__
+from .errors import ArtifactError, ClassifierError
+from .models import create_model
+from .presets import ClassificationPresetEval
+
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass
+class ModelCard:
+    arch: str
+    class_names: list[str]
+    preprocess: dict
+    metrics: dict = field(default_factory=dict)
+    hyperparameters: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def eval_preset(self) -> ClassificationPresetEval:
+        return ClassificationPresetEval.from_dict(self.preprocess)
+
+
+def library_versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "imgcls": __version__}
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model_dir: Path, model: nn.Module, card: ModelCard) -> None:
+    model_dir = Path(model_dir)
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    atomic_write_bytes(model_dir / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
+    meta = dict(card.__dict__)
+    meta["num_classes"] = card.num_classes
+    text = json.dumps(meta, indent=2, sort_keys=True).encode()
+    atomic_write_bytes(model_dir / METADATA_FILE, lambda fh: fh.write(text))
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ArtifactError(f"No {METADATA_FILE} in {model_dir}: point the server at the contents of a "
+                            "training job's model.tar.gz (model.json and model.pt).")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}): the artifact is damaged; "
+                            "use the model.tar.gz the training job wrote.") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {version!r}, this code reads {FORMAT_VERSION}: "
+                            "serve it with the image version that trained it.")
+    try:
+        card = ModelCard(arch=meta["arch"], class_names=list(meta["class_names"]),
+                         preprocess=dict(meta["preprocess"]), metrics=meta.get("metrics", {}),
+                         hyperparameters=meta.get("hyperparameters", {}), versions=meta.get("versions", {}))
+        card.eval_preset()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} lacks a required field or has a wrong one ({exc!r}): "
+                            "the artifact is damaged; use the model.tar.gz the training job wrote.") from None
+    return card
+
+
+def load(model_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the trained model (eval mode) and its card from a model dir."""
+    card = read_card(model_dir)
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"No {WEIGHTS_FILE} in {model_dir}: the artifact is incomplete; "
+                            "use the model.tar.gz the training job wrote.")
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle
+        raise ArtifactError(f"{weights} cannot be read ({type(exc).__name__}: {exc}): the file is damaged; "
+                            "use the model.tar.gz the training job wrote.") from None
+    try:
+        model = create_model(card.arch, card.num_classes, weights="state_dict", state_dict=state)
+    except ClassifierError as exc:
+        raise ArtifactError(f"{weights} does not match {METADATA_FILE}: {exc}") from None
+    return model.eval(), card

@@ -1,0 +1,98 @@
+"""Decode any image file the way training and serving both expect: 8-bit RGB, upright.
+
+Grayscale, palette, RGBA, CMYK and 16-bit images are converted here and only here, so a
+photo looks the same to the model at training time and at serving time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError, ImageTooLargeError
+
+# A truncated file is a broken file: never pad it with grey silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _scale_high_bit_depth(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale to 8-bit by range, not by clipping."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    else:
+        # PNG 16-bit grayscale arrives as I;16 or as I holding 0..65535.
+        scaled = arr.astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to RGB (transparency onto white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _scale_high_bit_depth(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+    """Fully decode `source` (path or bytes) into an upright RGB image.
+
+    draft_size lets JPEG decode at a reduced scale when only a small image is needed
+    (validation scans): libjpeg still reads the whole stream, so truncation is still seen.
+    Raises ImageDecodeError or ImageTooLargeError with a message naming the problem.
+    """
+    where = "" if isinstance(source, bytes) else f" {os.fspath(source)}"
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageDecodeError("The image is empty (0 bytes): send the file's contents.")
+        fp = io.BytesIO(source)
+    else:
+        if os.path.getsize(source) == 0:
+            raise ImageDecodeError(f"The file{where} is empty (0 bytes).")
+        fp = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"The image{where} has {width}x{height} pixels, over the limit of {max_pixels}: "
+                    "resize it before sending it."
+                )
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return to_rgb(img)
+    except (ImageTooLargeError, ImageDecodeError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"The image{where} is too large to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"The data{where} is not an image Pillow can read (expected JPEG, PNG, BMP or WebP)."
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"The image{where} is corrupt or truncated: {exc}") from None

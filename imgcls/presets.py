@@ -1,0 +1,89 @@
+"""Preprocessing presets, defined once and imported by the trainer and the server.
+
+Each preset turns an RGB image into a uint8 CHW tensor of a fixed size; normalization to
+float happens on the whole batch (`normalize`), on the device that runs the model, so data
+loader workers and request decoding move 4x fewer bytes. The eval preset is stored in the
+artifact (`to_dict`) and rebuilt by the server (`from_dict`): serving preprocesses exactly
+as the trainer evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENT_LEVELS = ("none", "light", "medium", "heavy")
+# Eval resizes the shorter side to crop / 0.875 then center-crops, as torchvision's weights expect.
+CROP_RATIO = 0.875
+
+
+def _as_uint8_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
+    return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
+
+
+class _Preset:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    transforms: T.Compose
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.transforms(_as_uint8_tensor(img))
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  channels_last: bool = False) -> torch.Tensor:
+        """uint8 NCHW batch -> normalized float batch (on batch's device)."""
+        mean = torch.tensor(self.mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        inv_std = 1.0 / (torch.tensor(self.std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        out = (batch.float() - mean) * inv_std
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out.to(dtype)
+
+
+class ClassificationPresetEval(_Preset):
+    def __init__(self, crop_size: int, resize_size: int | None = None, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, interpolation: str = "bilinear"):
+        self.crop_size = int(crop_size)
+        self.resize_size = int(resize_size or round(crop_size / CROP_RATIO))
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.interpolation = interpolation
+        self.transforms = T.Compose([
+            T.Resize(self.resize_size, interpolation=InterpolationMode(interpolation), antialias=True),
+            T.CenterCrop(self.crop_size),
+        ])
+
+    def to_dict(self) -> dict:
+        return {"name": "ClassificationPresetEval", "crop_size": self.crop_size,
+                "resize_size": self.resize_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassificationPresetEval:
+        return cls(crop_size=d["crop_size"], resize_size=d["resize_size"], mean=d["mean"],
+                   std=d["std"], interpolation=d.get("interpolation", "bilinear"))
+
+
+class ClassificationPresetTrain(_Preset):
+    def __init__(self, crop_size: int, augment: str = "light", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation: str = "bilinear"):
+        if augment not in AUGMENT_LEVELS:
+            raise ValueError(f"augment must be one of {AUGMENT_LEVELS}, got {augment!r}")
+        self.mean, self.std = tuple(mean), tuple(std)
+        interp = InterpolationMode(interpolation)
+        if augment == "none":
+            self.transforms = ClassificationPresetEval(crop_size, mean=mean, std=std,
+                                                       interpolation=interpolation).transforms
+            return
+        scale = (0.25, 1.0) if augment == "light" else (0.08, 1.0)
+        steps = [T.RandomResizedCrop(crop_size, scale=scale, interpolation=interp, antialias=True),
+                 T.RandomHorizontalFlip()]
+        if augment in ("medium", "heavy"):
+            steps.append(T.TrivialAugmentWide(interpolation=interp))
+        if augment == "heavy":
+            steps.append(T.RandomErasing(p=0.25))
+        self.transforms = T.Compose(steps)

@@ -1,0 +1,154 @@
+"""One epoch of training and one pass of evaluation; plain PyTorch, no SageMaker.
+
+Per-batch statistics stay on the device and are read once per epoch, so the loop never
+waits on the GPU for a log line. Loss is the mean over samples, not the mean of batch means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .progress import Progress
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype | None      # autocast dtype, None for fp32
+    scaler: bool                   # fp16 needs loss scaling
+    name: str
+
+
+def choose_precision(requested: str, device: torch.device) -> Precision:
+    """auto: bf16 on GPUs that have it and on CPUs with AMX/AVX512-BF16, fp16+scaler on older GPUs, else fp32."""
+    if requested == "fp32":
+        return Precision(None, False, "fp32")
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "bf16" or (requested == "auto" and bf16):
+            return Precision(torch.bfloat16, False, "bf16")
+        return Precision(torch.float16, True, "fp16")
+    fast_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in
+                    ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    if requested == "bf16" or (requested == "auto" and fast_bf16):
+        return Precision(torch.bfloat16, False, "bf16")
+    if requested == "fp16":
+        return Precision(torch.float16, False, "fp16")
+    return Precision(None, False, "fp32")
+
+
+def autocast(device: torch.device, precision: Precision):
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+@dataclass
+class Batcher:
+    """Moves a uint8 batch to the device and normalizes it there."""
+    device: torch.device
+    normalize: callable
+    channels_last: bool
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        return self.normalize(images, channels_last=self.channels_last), labels
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    top_k_accuracy: float
+    samples: int
+    seconds: float
+    data_wait_fraction: float = 0.0
+    confusion: torch.Tensor | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optimizer, scheduler,
+                    precision: Precision, scaler, top_k: int, set_mode,
+                    progress: Progress | None = None, reduce=None) -> EpochResult:
+    set_mode()
+    device = batcher.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct_k = torch.zeros((), device=device, dtype=torch.long)
+    samples, wait = 0, 0.0
+    start = time.perf_counter()
+    ready = start
+    for step, (images, labels) in enumerate(loader):
+        wait += time.perf_counter() - ready
+        x, y = batcher(images, labels)
+        with autocast(device, precision):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        n = y.shape[0]
+        loss_sum += loss.detach().double() * n
+        c1, ck = _topk_correct(logits.detach(), y, top_k)
+        correct += c1
+        correct_k += ck
+        samples += n
+        if progress is not None:
+            progress.update(n, loss=loss, step=step)
+        ready = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, correct.double(), correct_k.double(), torch.tensor(float(samples), device=device,
+                                                                                          dtype=torch.float64)])
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_total, c1, ck, n = totals.tolist()
+    n = max(n, 1)
+    return EpochResult(loss_total / n, c1 / n, ck / n, int(n), seconds, wait / seconds if seconds else 0.0)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, batcher: Batcher, precision: Precision, top_k: int,
+             num_classes: int, reduce=None) -> EpochResult:
+    """Plain cross-entropy (no label smoothing) so valid loss compares across recipes."""
+    model.eval()
+    device = batcher.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    correct_k = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for images, labels in loader:
+        x, y = batcher(images, labels)
+        with autocast(device, precision):
+            logits = model(x).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        _, ck = _topk_correct(logits, y, top_k)
+        correct_k += ck
+        confusion.view(-1).index_add_(0, y * num_classes + logits.argmax(1), torch.ones_like(y))
+    seconds = time.perf_counter() - start
+    if reduce is not None:
+        loss_sum, correct_k, confusion = reduce(loss_sum), reduce(correct_k), reduce(confusion)
+    n = int(confusion.sum())
+    return EpochResult(float(loss_sum) / max(n, 1), float(confusion.trace()) / max(n, 1),
+                       float(correct_k) / max(n, 1), n, seconds, confusion=confusion.cpu())

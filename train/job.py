@@ -1,0 +1,257 @@
+"""The training job: SageMaker contract at the edge (`main`), plain PyTorch inside (`train`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls import artifact
+from imgcls.errors import ClassifierError
+from imgcls.models import create_model
+from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
+
+from . import checkpoint, contract, data, distributed, finetune, hyperparams, metrics, outputs, weights
+from .debugger import Debugger
+from .engine import Batcher, choose_precision, evaluate, train_one_epoch
+from .progress import Progress
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class Splits:
+    train: data.Channel
+    valid: data.Channel
+    test: data.Channel | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+def load_data(cfg: hyperparams.Config, channels: dict[str, Path], scan_workers: int) -> Splits:
+    if "train" not in channels:
+        raise contract.ContractError("The job has no 'train' channel: pass inputs={'train': 's3://bucket/prefix'} "
+                                     "(a folder of class folders) to fit().")
+    train_ch = data.scan_channel("train", channels["train"], scan_workers)
+    valid_ch = data.scan_channel("valid", channels["valid"], scan_workers) if "valid" in channels else None
+    test_ch = data.scan_channel("test", channels["test"], scan_workers) if "test" in channels else None
+    data.check_class_sets(train_ch, [c for c in (valid_ch, test_ch) if c is not None])
+    if valid_ch is None:
+        train_ch, valid_ch = data.split_train_valid(train_ch, cfg.valid_fraction, cfg.seed)
+        log.info("no 'valid' channel: held out %d of %d train images (valid-fraction %g, seed %d) for validation",
+                 len(valid_ch.samples), len(train_ch.samples) + len(valid_ch.samples), cfg.valid_fraction, cfg.seed)
+    if len(train_ch.samples) < 2:
+        raise data.DataError("Training needs at least 2 usable images in the 'train' channel.")
+    for channel in (train_ch, valid_ch, test_ch):
+        if channel is not None:
+            data.log_class_counts(channel)
+    return Splits(train_ch, valid_ch, test_ch)
+
+
+def auto_workers(num_cpus: int, world_size: int, on_gpu: bool) -> int:
+    per_process = max(1, num_cpus // world_size)
+    # On a CPU host the model shares the cores with decoding, so leave it half of them.
+    return min(16, per_process) if on_gpu else max(1, per_process // 2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) -> dict:
+    """Fine-tune, checkpoint each epoch, write the artifact; returns the final metrics."""
+    seed_everything(cfg.seed)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{rank.local_rank}" if on_gpu else "cpu")
+    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_workers(job.num_cpus, rank.world_size, on_gpu)
+    for name in job.ignored_channels:
+        log.warning("channel '%s' is not one of train, valid, test, pretrained: ignored", name)
+
+    splits = load_data(cfg, job.channels, scan_workers=max(2, job.num_cpus))
+    classes = splits.classes
+    top_k = min(cfg.top_k, len(classes))
+    if top_k < cfg.top_k:
+        log.info("top-k %d is more than the %d classes: reporting top-%d", cfg.top_k, len(classes), top_k)
+
+    init, state_dict, source = weights.resolve(cfg.weights, job.channels.get("pretrained"))
+    model = create_model(cfg.arch, len(classes), weights=init, state_dict=state_dict)
+    frozen = finetune.frozen_prefixes(model, cfg.freeze)
+    trainable = finetune.apply_freeze(model, frozen)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    precision = choose_precision(cfg.precision, device)
+    log.info("model: %s from %s, %d classes, freeze=%s (%d trainable parameters), %s on %s, channels-last=%s",
+             cfg.arch, source, len(classes), cfg.freeze, trainable, precision.name, device, cfg.channels_last)
+
+    train_preset = ClassificationPresetTrain(cfg.image_size, cfg.augment)
+    eval_preset = ClassificationPresetEval(cfg.image_size)
+    n_train = len(splits.train.samples)
+    train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                    workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
+                                    drop_last=n_train % cfg.batch_size == 1)  # a batch of one breaks BatchNorm
+    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+    eval_loaders = {c.name: data.make_loader(c, eval_preset, eval_bs, shuffle=False, seed=cfg.seed,
+                                             workers=workers, pin_memory=on_gpu)
+                    for c in (splits.valid, splits.test) if c is not None}
+    log.info("data: batch size %d, %d steps per epoch, %d data-loader workers", cfg.batch_size,
+             len(train_loader), workers)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer = finetune.make_optimizer(cfg.optimizer, finetune.param_groups(model, cfg.weight_decay),
+                                        cfg.lr, cfg.momentum, cfg.eps)
+    steps = len(train_loader)
+    scheduler = finetune.warmup_cosine(optimizer, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
+    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
+    batcher = Batcher(device, train_preset.normalize, cfg.channels_last)
+
+    hps = cfg.as_hyperparameters()
+    history: list[dict] = []
+    best = {"loss": float("inf"), "epoch": 0, "state": None}
+    bad_epochs, start_epoch = 0, 0
+    resumed = checkpoint.load(job.checkpoint_dir, hps)
+    if resumed is not None:
+        if resumed["classes"] != classes:
+            raise checkpoint.CheckpointError(f"The checkpoint in {job.checkpoint_dir} was trained on other classes: "
+                                             "give each job its own checkpoint_s3_uri.")
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        checkpoint.set_rng_state(resumed["rng"])
+        history, best, bad_epochs, start_epoch = (resumed["history"], resumed["best"], resumed["bad_epochs"],
+                                                  resumed["epoch"])
+        log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
+
+    debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main)
+    set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
+        debugger.train_mode()
+        tr = train_one_epoch(model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
+                             top_k, set_mode, progress, reduce=rank.reduce)
+        progress.close()
+        debugger.eval_mode()
+        va = evaluate(model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+        record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
+                  "train_topk_acc": tr.top_k_accuracy, "valid_loss": va.loss, "valid_acc": va.accuracy,
+                  "valid_topk_acc": va.top_k_accuracy, "lr": lr, "images_per_sec": tr.images_per_second,
+                  "data_wait": tr.data_wait_fraction}
+        history.append(record)
+        log.info(metrics.epoch_line(record, cfg.epochs))
+        debugger.save_scalars({k: v for k, v in record.items() if k != "epoch"})
+        if va.loss < best["loss"]:
+            best = {"loss": va.loss, "epoch": epoch + 1,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        stop = cfg.patience > 0 and bad_epochs >= cfg.patience
+        if rank.is_main:
+            checkpoint.save(job.checkpoint_dir, {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": checkpoint.rng_state(), "best": best, "bad_epochs": bad_epochs, "history": history,
+                "hyperparameters": hps, "classes": classes})
+        if stop:
+            log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
+                     cfg.patience, best["loss"], best["epoch"])
+            break
+    debugger.close()
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    final = {k: v for k, v in history[-1].items()} if history else {}
+    final.update({f"best_{k}": v for k, v in next(h for h in history if h["epoch"] == best["epoch"]).items()})
+    report_channel = "test" if splits.test is not None else "valid"
+    result = evaluate(model, eval_loaders[report_channel], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+    if splits.test is not None:
+        test = {"test_loss": result.loss, "test_acc": result.accuracy, "test_topk_acc": result.top_k_accuracy}
+        log.info(metrics.test_line(test))
+        final.update(test)
+    if rank.is_main:
+        write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"])
+    return final
+
+
+def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch) -> None:
+    classes = splits.classes
+    card = artifact.ModelCard(arch=cfg.arch, class_names=classes, preprocess=eval_preset.to_dict(),
+                              metrics={**final, "best_epoch": best_epoch},
+                              hyperparameters=cfg.as_hyperparameters(), versions=artifact.library_versions())
+    artifact.save(job.model_dir, model, card)
+    out = job.output_data_dir
+    train_counts = splits.train.class_counts(classes)
+    per_class = outputs.write_confusion(out, result.confusion, classes, channel, train_counts)
+    outputs.write_json(out / "metrics.json", {"history": history, "final": final, "best_epoch": best_epoch,
+                                              "per_class_accuracy": per_class, "confusion_channel": channel})
+    outputs.write_json(out / "class_counts.json", {c.name: c.class_counts(classes)
+                                                   for c in (splits.train, splits.valid, splits.test) if c})
+    skipped = [f"{c.name}\t{p}\t{why}" for c in (splits.train, splits.valid, splits.test) if c for p, why in c.skipped]
+    (out / "skipped_files.txt").write_text("".join(line + "\n" for line in skipped))
+    outputs.plot_learning_curves(out / "learning_curves.png", history)
+    log.info("model written to %s (best epoch %d); metrics, confusion matrix and learning curves in %s",
+             job.model_dir, best_epoch, out)
+
+
+def explain(exc: BaseException) -> tuple[str, bool]:
+    """(one plain sentence saying what went wrong and what to do, whether a traceback helps)."""
+    text = str(exc)
+    if isinstance(exc, ClassifierError):
+        return text, False
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ("The GPU ran out of memory: lower batch-size or image-size, or pick an instance type with "
+                "more GPU memory."), False
+    if isinstance(exc, MemoryError):
+        return "The instance ran out of memory: lower batch-size, num-workers or image-size, or pick a larger instance.", False
+    if "DataLoader worker" in text and ("killed" in text or "shared memory" in text or "Bus error" in text):
+        return ("A data-loader worker died, usually because shared memory (/dev/shm) is too small: run the "
+                "container with --shm-size 2g or more, or lower num-workers."), True
+    return (f"Training failed with an unexpected {type(exc).__name__}: {text}. The traceback below shows where; "
+            "please report it with the job's log."), True
+
+
+def write_failure(path: Path, exc: BaseException) -> None:
+    sentence, with_traceback = explain(exc)
+    details = "".join(traceback.format_exception(exc)) if with_traceback else f"{type(exc).__name__}\n"
+    log.error("%s", sentence)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{sentence}\n\n{details}")
+    except OSError as write_exc:
+        log.error("could not write the failure file %s: %s", path, write_exc)
+
+
+def main(environ=os.environ) -> int:
+    rank = distributed.from_environment(environ)
+    distributed.setup_logging(rank)
+    failure = contract.base_dir(environ) / "output" / "failure"
+    try:
+        job = contract.read_job(environ)
+        failure = job.failure_file
+        cfg = hyperparams.parse(job.hyperparameters)
+        log.info("hyperparameters: %s", " ".join(f"{k}={v}" for k, v in cfg.as_hyperparameters().items()))
+        start = time.perf_counter()
+        train(cfg, job, rank)
+        log.info("training finished in %.1f s", time.perf_counter() - start)
+        return 0
+    except (Exception, KeyboardInterrupt) as exc:
+        if rank.is_main:
+            write_failure(failure, exc)
+        return 1
+    finally:
+        sys.stdout.flush()
