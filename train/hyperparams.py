@@ -46,7 +46,7 @@ class Config:
     seed: int = 42
     top_k: int = 5
     valid_fraction: float = 0.2      # held out of train when there is no valid channel
-    num_workers: int = -1            # -1: from the CPU count
+    num_workers: int = -1            # -1 or "auto": from the CPU count
     precision: str = "auto"
     channels_last: bool = True
 
@@ -114,7 +114,7 @@ def _arch(raw: str) -> str:
 
 
 def _workers(raw: str) -> int:
-    return -1 if raw.strip().lower() == "auto" else _number(int, 0)(raw)
+    return -1 if raw.strip().lower() in ("auto", "-1") else _number(int, 0)(raw)
 
 
 PARSERS = {

@@ -32,8 +32,12 @@ TEST_METRICS = [
 ]
 
 
+MARKER = "[metrics]"
+
+
 def metric_definitions() -> list[dict[str, str]]:
-    return [{"Name": name, "Regex": rf"\b{key}={FLOAT}"} for name, key in EPOCH_METRICS + TEST_METRICS]
+    # Anchored to the marker: other log lines (the hyperparameters, the toolkit's) also hold key=value pairs.
+    return [{"Name": name, "Regex": rf"\[metrics\].*?\b{key}={FLOAT}"} for name, key in EPOCH_METRICS + TEST_METRICS]
 
 
 def _fmt(value: float) -> str:
@@ -50,11 +54,11 @@ def _line(pairs: list[tuple[str, str]], values: dict[str, float], prefix: str) -
 def epoch_line(values: dict[str, float], epochs: int) -> str:
     """One line per epoch; `values` has every key of EPOCH_METRICS (epoch counted from 1)."""
     text = _line(EPOCH_METRICS, values, "")
-    return f"[metrics] {text} epochs={epochs}"
+    return f"{MARKER} {text} epochs={epochs}"
 
 
 def test_line(values: dict[str, float]) -> str:
-    return _line(TEST_METRICS, values, "[metrics] ")
+    return _line(TEST_METRICS, values, MARKER + " ")
 
 
 def parse_log(text: str, definitions: list[dict[str, str]] | None = None) -> dict[str, list[float]]:

@@ -1,0 +1,96 @@
+"""Test helpers: /opt/ml-shaped job folders run through the real `train` toolkit entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from train.synthetic import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough for 2 CPU cores: 3 classes of 32x32 images, resnet18, two epochs.
+TINY = {"arch": "resnet18", "weights": "none", "epochs": "2", "batch-size": "8", "image-size": "32",
+        "num-workers": "0", "seed": "3", "top-k": "2", "lr": "0.01"}
+
+
+@dataclass
+class Job:
+    base: Path
+
+    @property
+    def config(self) -> Path:
+        return self.base / "input" / "config"
+
+    @property
+    def data(self) -> Path:
+        return self.base / "input" / "data"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base / "model"
+
+    @property
+    def output_data(self) -> Path:
+        return self.base / "output" / "data"
+
+    @property
+    def failure(self) -> Path:
+        return self.base / "output" / "failure"
+
+    def hyperparameters(self, **overrides) -> None:
+        hps = {**TINY, **{k.replace("_", "-"): str(v) for k, v in overrides.items()}}
+        (self.config / "hyperparameters.json").write_text(json.dumps(hps))
+
+    def set_raw_hyperparameters(self, hps: dict) -> None:
+        (self.config / "hyperparameters.json").write_text(json.dumps(hps))
+
+    def write_channels_config(self) -> None:
+        channels = sorted(p.name for p in self.data.iterdir() if p.is_dir()) if self.data.is_dir() else []
+        spec = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+        (self.config / "inputdataconfig.json").write_text(json.dumps({c: spec for c in channels}))
+
+    def env(self, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+        env.update(SAGEMAKER_BASE_DIR=str(self.base), SAGEMAKER_PROGRAM="train_job.py", SM_STUDIO_LOCAL_MODE="true",
+                   PYTHONPATH=str(ROOT), TORCH_HOME=str(self.base / "torch_home"), OMP_NUM_THREADS="2")
+        env.update(extra)
+        return env
+
+    def start(self, **env) -> subprocess.Popen:
+        """Start `train` the way the image does (program copied into <base>/code)."""
+        self.write_channels_config()
+        (self.base / "code").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "train" / "entry" / "train_job.py", self.base / "code")
+        return subprocess.Popen([str(BIN / "train")], cwd=self.base, env=self.env(**env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def run(self, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+        proc = self.start(**env)
+        out, _ = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+@pytest.fixture
+def job(tmp_path) -> Job:
+    base = tmp_path / "opt_ml"
+    j = Job(base)
+    j.config.mkdir(parents=True)
+    (j.config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    j.hyperparameters()
+    return j
+
+
+@pytest.fixture
+def tiny_data(job) -> Job:
+    """3 classes x 10 train images (and 3 test images each), 32x32 JPEG."""
+    make_dataset(job.data, per_class=10, size=32, classes=3, test_per_class=3, seed=1)
+    return job

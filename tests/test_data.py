@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from train import data
+from train.synthetic import make_dataset
+
+
+def bad_files(class_dir: Path) -> dict[str, str]:
+    """One of each kind of unusable file; returns name -> expected reason fragment."""
+    good = class_dir / next(p.name for p in class_dir.iterdir())
+    raw = good.read_bytes()
+    (class_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage " * 20)
+    (class_dir / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (class_dir / "empty.png").write_bytes(b"")
+    (class_dir / "notes.txt").write_text("not an image")
+    return {"corrupt.jpg": "not an image Pillow can read", "truncated.jpg": "truncated", "empty.png": "empty", "notes.txt": "not an image"}
+
+
+def test_scan_skips_and_names_bad_files(tmp_path, caplog):
+    make_dataset(tmp_path, per_class=4, size=32, classes=2)
+    expected = bad_files(tmp_path / "train" / "circle")
+    Image.new("L", (16, 16)).save(tmp_path / "train" / "square" / "GRAY.PNG")  # any case, any mode
+    (tmp_path / "train" / "stray.jpg").write_bytes(b"x")
+    caplog.set_level("WARNING", logger="train")
+    ch = data.scan_channel("train", tmp_path / "train", workers=2)
+    assert len(ch.samples) == 9
+    reasons = {p.name: why for p, why in ch.skipped}
+    assert set(reasons) == set(expected) | {"stray.jpg"}
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons[name])
+        assert name in caplog.text
+    assert "not inside a class folder" in reasons["stray.jpg"]
+
+
+def test_channel_without_usable_image_names_the_folder(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"'train' channel .*train\) has no usable image"):
+        data.scan_channel("train", tmp_path / "train")
+
+
+def test_class_sets_must_match_and_the_message_names_folders(tmp_path):
+    make_dataset(tmp_path / "a", per_class=2, size=16, classes=3)
+    make_dataset(tmp_path / "b", per_class=2, size=16, classes=2)
+    train = data.scan_channel("train", tmp_path / "a" / "train")
+    valid = data.scan_channel("valid", tmp_path / "b" / "train")
+    with pytest.raises(data.DataError) as err:
+        data.check_class_sets(train, [valid])
+    msg = str(err.value)
+    assert str(tmp_path / "a" / "train") in msg and str(tmp_path / "b" / "train") in msg
+    assert "only in train: ['triangle']" in msg
+
+
+def test_empty_train_class_folder_is_an_error(tmp_path):
+    make_dataset(tmp_path, per_class=2, size=16, classes=2)
+    (tmp_path / "train" / "ghost").mkdir()
+    train = data.scan_channel("train", tmp_path / "train")
+    with pytest.raises(data.DataError, match="ghost"):
+        data.check_class_sets(train, [])
+
+
+def test_split_is_stratified_seeded_and_disjoint(tmp_path):
+    make_dataset(tmp_path, per_class=10, size=16, classes=3)
+    ch = data.scan_channel("train", tmp_path / "train")
+    t1, v1 = data.split_train_valid(ch, 0.2, seed=5)
+    t2, v2 = data.split_train_valid(ch, 0.2, seed=5)
+    _, v3 = data.split_train_valid(ch, 0.2, seed=6)
+    assert v1.samples == v2.samples and v1.samples != v3.samples
+    assert not set(t1.samples) & set(v1.samples)
+    assert v1.class_counts(ch.classes) == {"circle": 2, "square": 2, "triangle": 2}
+
+
+def test_sampler_depends_only_on_seed_and_epoch():
+    s = data.EpochSampler(10, seed=1, shuffle=True)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(3)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first and all(e == 2 for e, _ in first)
+    halves = [list(data.EpochSampler(10, 1, True, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(i for h in halves for _, i in h) == list(range(10))
+
+
+def test_augmentation_is_reproducible_per_sample(tmp_path):
+    from imgcls.presets import ClassificationPresetTrain
+
+    make_dataset(tmp_path, per_class=2, size=48, classes=1)
+    ch = data.scan_channel("train", tmp_path / "train")
+    ds = data.ImageDataset(ch.samples, ClassificationPresetTrain(32, "heavy"), seed=0)
+    a, _ = ds[(1, 0)]
+    torch.manual_seed(123)  # global state must not matter
+    b, _ = ds[(1, 0)]
+    c, _ = ds[(2, 0)]
+    assert a.dtype == torch.uint8 and a.shape == (3, 32, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)

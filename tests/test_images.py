@@ -1,0 +1,71 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls.errors import ImageDecodeError, ImageTooLargeError
+from imgcls.images import open_image
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_grayscale_palette_cmyk_become_rgb():
+    for img in (Image.new("L", (8, 6), 128), Image.new("RGB", (8, 6), (200, 10, 10)).convert("P"),
+                Image.new("CMYK", (8, 6), (0, 255, 255, 0)), Image.new("1", (8, 6), 1)):
+        fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+        out = open_image(encode(img, fmt))
+        assert out.mode == "RGB" and out.size == (8, 6)
+
+
+def test_cmyk_red_stays_red():
+    out = np.asarray(open_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")))
+    r, g, b = out[4, 4].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_rgba_transparent_pixels_become_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    img.putpixel((0, 0), (0, 0, 255, 255))
+    out = np.asarray(open_image(encode(img, "PNG")))
+    assert tuple(out[3, 3]) == (255, 255, 255)
+    assert tuple(out[0, 0]) == (0, 0, 255)
+
+
+def test_16_bit_grayscale_scaled_not_clipped():
+    arr = np.full((4, 4), 32896, dtype=np.uint16)  # half of 65535 (plus rounding)
+    img = Image.fromarray(arr)
+    out = np.asarray(open_image(encode(img, "PNG")))
+    assert 126 <= int(out[0, 0, 0]) <= 129
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (20, 10), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    out = open_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (10, 20)
+
+
+@pytest.mark.parametrize("data,fragment", [
+    (b"", "empty"),
+    (b"this is not an image at all", "not an image"),
+])
+def test_undecodable_bytes(data, fragment):
+    with pytest.raises(ImageDecodeError, match=fragment):
+        open_image(data)
+
+
+def test_truncated_jpeg_is_an_error():
+    data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG", quality=95)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        open_image(data[: len(data) // 2])
+
+
+def test_pixel_limit():
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        open_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)

@@ -1,0 +1,241 @@
+"""The training program end to end, through the sagemaker-training toolkit's `train` entry."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from imgcls import artifact
+from imgcls.presets import ClassificationPresetEval
+from tests.test_data import bad_files
+from train import metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_end_to_end_run_artifacts_and_metric_regexes(tiny_data):
+    job = tiny_data
+    result = job.run()
+    log = result.stdout
+    assert result.returncode == 0, log[-3000:]
+    assert "Reporting training SUCCESS" in log
+    assert "training without SageMaker Debugger" in log
+    assert not job.failure.exists()
+
+    # The exported definitions, applied to the real log, find one value per epoch and the test line.
+    found = metrics.parse_log(log, json.loads(json.dumps(metrics.metric_definitions())))
+    history = json.loads((job.output_data / "metrics.json").read_text())["history"]
+    assert len(history) == 2
+    for name, key in metrics.EPOCH_METRICS:
+        assert found[name] == pytest.approx([h[key] for h in history], rel=1e-5), name
+    for name, _ in metrics.TEST_METRICS:
+        assert len(found[name]) == 1, name
+    assert found["train:epoch"] == [1, 2]
+    assert 0 <= found["train:data_wait_fraction"][0] <= 1 and found["train:images_per_second"][0] > 0
+
+    # The loss is the mean per sample: recompute the test loss from the artifact.
+    model, card = artifact.load(job.model_dir)
+    assert card.class_names == ["circle", "square", "triangle"] and card.arch == "resnet18"
+    assert card.hyperparameters["image-size"] == 32 and card.versions["torch"] == torch.__version__
+    assert card.preprocess == ClassificationPresetEval(32).to_dict()
+    preset = card.eval_preset()
+    from imgcls.images import open_image
+
+    files = sorted((job.data / "test").rglob("*.jpg"))
+    batch = torch.stack([preset(open_image(p)) for p in files])
+    labels = torch.tensor([card.class_names.index(p.parent.name) for p in files])
+    with torch.inference_mode():
+        loss = torch.nn.functional.cross_entropy(model(preset.normalize(batch)).float(), labels).item()
+    # The job evaluated in bf16 autocast; fp32 here. Same weights, same preprocessing: close.
+    assert loss == pytest.approx(found["test:loss"][0], rel=0.05)
+
+    for name in ("metrics.json", "confusion_matrix.csv", "per_class_accuracy.csv", "class_counts.json",
+                 "learning_curves.png"):
+        assert (job.output_data / name).stat().st_size > 0, name
+    confusion = (job.output_data / "confusion_matrix.csv").read_text().splitlines()
+    assert confusion[0].startswith("true \\ predicted (test),circle")
+    assert sum(int(x) for row in confusion[1:] for x in row.split(",")[1:]) == 9
+
+
+def test_bad_files_are_skipped_counted_and_named(tiny_data):
+    job = tiny_data
+    expected = bad_files(job.data / "train" / "square")
+    result = job.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "train: skipped 4 file(s)" in result.stdout
+    for name in expected:
+        assert f"skipped square/{name}" in result.stdout
+    skipped = (job.output_data / "skipped_files.txt").read_text()
+    assert all(name in skipped for name in expected)
+
+
+def _assert_failed(job, result, first_line_fragment):
+    assert result.returncode != 0
+    text = job.failure.read_text()
+    first = text.splitlines()[0]
+    assert first_line_fragment in first, text[:2000]
+    assert "Traceback" not in first
+    assert first_line_fragment in result.stdout  # and the log says it too
+    return text
+
+
+@pytest.mark.parametrize("hps,fragment", [
+    ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate' (did you mean 'lr'?)"),
+    ({"batch-size": "big"}, "'batch-size' = 'big' is not valid: expected an integer"),
+    ({"lr": "-1"}, "'lr' = '-1' is not valid: expected a number > 0"),
+])
+def test_bad_hyperparameters_fail_with_a_plain_sentence(tiny_data, hps, fragment):
+    job = tiny_data
+    job.set_raw_hyperparameters({"weights": "none", **hps})
+    text = _assert_failed(job, job.run(), fragment)
+    assert text.startswith("Bad hyperparameters:")
+
+
+def test_missing_train_channel(job):
+    _assert_failed(job, job.run(), "The job has no 'train' channel")
+
+
+def test_channel_without_usable_image(job):
+    (job.data / "train" / "cat").mkdir(parents=True)
+    (job.data / "train" / "cat" / "broken.jpg").write_bytes(b"nope")
+    _assert_failed(job, job.run(), f"The 'train' channel ({job.data / 'train'}) has no usable image")
+
+
+def test_class_sets_differ(tiny_data):
+    job = tiny_data
+    (job.data / "test" / "hexagon").mkdir()
+    _assert_failed(job, job.run(), "The 'test' channel")
+    assert "only in test: ['hexagon']" in job.failure.read_text()
+
+
+def test_missing_imagenet_weights_say_how_to_get_them(tiny_data):
+    job = tiny_data
+    job.hyperparameters(weights="imagenet")
+    _assert_failed(job, job.run(), "ImageNet weights for resnet18 are not on this machine")
+    assert "PRETRAINED_ARCHS" in job.failure.read_text()
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_after_kill_9_finishes_as_the_uninterrupted_run(tiny_data, tmp_path):
+    job = tiny_data
+    job.hyperparameters(epochs=4)
+    reference = job.run()
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    ref_history = json.loads((job.output_data / "metrics.json").read_text())["history"]
+    ref_weights = _state(job.model_dir / "model.pt")
+
+    for folder in ("model", "output", "checkpoints"):
+        os.system(f"rm -rf {job.base / folder}")
+    ckpt = job.base / "checkpoints" / "checkpoint.pt"
+    proc = job.start()
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint after the first epoch"
+    time.sleep(0.3)  # into the second epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    interrupted = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+    assert 1 <= interrupted < 4
+
+    resumed = job.run()
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {ckpt} after epoch {interrupted}" in resumed.stdout
+    history = json.loads((job.output_data / "metrics.json").read_text())["history"]
+    for got, want in zip(history, ref_history):
+        for key in ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["epoch"], key)
+    weights = _state(job.model_dir / "model.pt")
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_other_hyperparameters_is_refused(tiny_data):
+    job = tiny_data
+    job.hyperparameters(epochs=1)
+    assert job.run().returncode == 0
+    job.hyperparameters(epochs=1, lr=0.5)
+    _assert_failed(job, job.run(), "was written with other hyperparameters (lr: 0.01 -> 0.5)")
+
+
+def test_weights_from_the_pretrained_channel(tiny_data):
+    """A frozen backbone must come out exactly as the pretrained file put it in."""
+    job = tiny_data
+    import torchvision
+
+    torch.manual_seed(11)
+    donor = torchvision.models.resnet18(num_classes=1000)
+    (job.data / "pretrained").mkdir()
+    torch.save({"model": donor.state_dict(), "epoch": 7}, job.data / "pretrained" / "donor-checkpoint.pth")
+    job.hyperparameters(freeze="backbone")  # weights=none in TINY; set auto below
+    hps = json.loads((job.config / "hyperparameters.json").read_text())
+    hps["weights"] = "pretrained"
+    job.set_raw_hyperparameters(hps)
+    result = job.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "from the 'pretrained' channel" in result.stdout
+    out = _state(job.model_dir / "model.pt")
+    donor_state = donor.state_dict()
+    for k, v in out.items():
+        if k.startswith("fc."):
+            assert v.shape[0] == 3
+        else:
+            torch.testing.assert_close(v, donor_state[k], msg=k)
+
+
+def test_imagenet_weights_from_the_local_cache(tiny_data):
+    job = tiny_data
+    import torchvision
+
+    from imgcls.models import imagenet_weights_path
+
+    os.environ_backup = dict(os.environ)
+    torch_home = job.base / "torch_home"
+    os.environ["TORCH_HOME"] = str(torch_home)
+    try:
+        path = imagenet_weights_path("resnet18")
+    finally:
+        os.environ.clear()
+        os.environ.update(os.environ_backup)
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    cached = torchvision.models.resnet18().state_dict()
+    torch.save(cached, path)
+    job.hyperparameters(weights="imagenet", freeze="layer4", epochs=1)
+    result = job.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "from torchvision's ImageNet weights" in result.stdout
+    out = _state(job.model_dir / "model.pt")
+    torch.testing.assert_close(out["layer4.1.conv2.weight"], cached["layer4.1.conv2.weight"])
+
+
+def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
+    from smdebug.trials import create_trial
+
+    job = tiny_data
+    tensors = job.base / "tensors"
+    (job.config / "debughookconfig.json").write_text(json.dumps({
+        "LocalPath": str(tensors), "HookParameters": {"save_interval": "50"},
+        "CollectionConfigurations": [{"CollectionName": "losses"}, {"CollectionName": "gradients"},
+                                     {"CollectionName": "weights"}]}))
+    job.hyperparameters(freeze="backbone")
+    result = job.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "smdebug hook writing to" in result.stdout
+    trial = create_trial(str(tensors))
+    names = trial.tensor_names()
+    grads = [n for n in names if n.startswith("gradient/")]
+    assert grads and all("fc." in n for n in grads)  # frozen layers get no gradients, and do not break the hook
+    loss = trial.tensor(trial.tensor_names(collection="losses")[0])
+    assert loss.steps() == [0]  # 8 steps in all, saved every 50th
+    history = json.loads((job.output_data / "metrics.json").read_text())["history"]
+    valid_loss = trial.tensor("scalar/valid_loss")
+    # Epoch scalars are saved every epoch, whatever the save interval.
+    assert [float(valid_loss.value(s)[0]) for s in valid_loss.steps()] == pytest.approx(
+        [h["valid_loss"] for h in history], rel=1e-5)
