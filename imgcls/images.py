@@ -94,5 +94,5 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         raise ImageDecodeError(
             f"The {'data' if isinstance(source, bytes) else 'file'}{where} is not an image Pillow can read (expected JPEG, PNG, BMP or WebP)."
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"The image{where} is corrupt or truncated: {exc}") from None

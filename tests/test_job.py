@@ -148,7 +148,7 @@ def test_resume_after_kill_9_finishes_as_the_uninterrupted_run(tiny_data, tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resumed from {ckpt} after epoch {interrupted}" in resumed.stdout
     history = json.loads((job.output_data / "metrics.json").read_text())["history"]
-    for got, want in zip(history, ref_history):
+    for got, want in zip(history, ref_history, strict=True):
         for key in ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["epoch"], key)
     weights = _state(job.model_dir / "model.pt")

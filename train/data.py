@@ -67,8 +67,8 @@ def scan_channel(name: str, root: Path, workers: int = 4) -> Channel:
                 skipped.append((path, f"not an image file (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL while decoding
         reasons = list(pool.map(_check_image, [p for p, _ in candidates]))
-    samples = [c for c, reason in zip(candidates, reasons) if reason is None]
-    skipped += [(c[0], reason) for c, reason in zip(candidates, reasons) if reason is not None]
+    samples = [c for c, reason in zip(candidates, reasons, strict=True) if reason is None]
+    skipped += [(c[0], reason) for c, reason in zip(candidates, reasons, strict=True) if reason is not None]
     channel = Channel(name, root, classes, samples, skipped)
     if skipped:
         log.warning("%s: skipped %d file(s) that cannot be used:", name, len(skipped))

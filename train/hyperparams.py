@@ -51,7 +51,7 @@ class Config:
     channels_last: bool = True
 
     def as_hyperparameters(self) -> dict:
-        return {f.name.replace("_", "-"): v for f, v in zip(fields(self), asdict(self).values())}
+        return {name.replace("_", "-"): value for name, value in asdict(self).items()}
 
 
 def _choice(options):

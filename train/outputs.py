@@ -25,7 +25,7 @@ def write_confusion(out_dir: Path, confusion: torch.Tensor, class_names: list[st
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow([f"true \\ predicted ({channel})"] + class_names)
-        for name, row in zip(class_names, rows):
+        for name, row in zip(class_names, rows, strict=True):
             w.writerow([name] + row)
     per_class = {}
     with open(out_dir / "per_class_accuracy.csv", "w", newline="") as fh:

@@ -1,0 +1,36 @@
+# The jobs a person runs. `make setup` creates .venv once from constraints.txt; the rest reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BENCH_ARGS ?=
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,launch,dev]'
+	touch $@
+
+# Train on a generated dataset of drawn shapes, through the real toolkit entry, offline.
+demo: setup
+	./local_test/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+# Seconds, not minutes: skips the tests that start the toolkit, servers or containers.
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m bench.train_throughput $(BENCH_ARGS)
+
+clean:
+	rm -rf local_test/test_dir/input/data local_test/test_dir/model local_test/test_dir/output \
+	       local_test/test_dir/checkpoints local_test/test_dir/code bench/results

@@ -1,0 +1,22 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_benchmark_quick_run(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--archs", "resnet18",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full")
+                                                           for c in ("fp32-nchw", "default")}
+    for r in rows:
+        assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
+    assert "e2e/syn" in result.stdout
