@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -154,7 +155,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         history.append(record)
         log.info(metrics.epoch_line(record, cfg.epochs))
         debugger.save_scalars({k: v for k, v in record.items() if k != "epoch"})
-        if va.loss < best["loss"]:
+        if math.isfinite(va.loss) and va.loss < best["loss"]:
             best = {"loss": va.loss, "epoch": epoch + 1,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             bad_epochs = 0
@@ -175,6 +176,10 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    else:  # a diverged run still leaves its artifact and outputs, for the debugger rules to explain
+        log.warning("valid loss was never finite (the run diverged): keeping the last epoch's weights; "
+                    "lower lr or raise warmup-epochs")
+        best["epoch"] = history[-1]["epoch"]
     final = {k: v for k, v in history[-1].items()} if history else {}
     final.update({f"best_{k}": v for k, v in next(h for h in history if h["epoch"] == best["epoch"]).items()})
     report_channel = "test" if splits.test is not None else "valid"
