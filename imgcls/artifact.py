@@ -62,6 +62,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a server running as another user must read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

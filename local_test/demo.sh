@@ -22,7 +22,8 @@ from pathlib import Path
 base = Path(sys.argv[1])
 m = json.loads((base / "output/data/metrics.json").read_text())
 h = m["history"]
-print(f"\nvalid accuracy per epoch: {' '.join(f'{r['valid_acc']:.2f}' for r in h)}")
+accs = " ".join(f"{r['valid_acc']:.2f}" for r in h)
+print(f"\nvalid accuracy per epoch: {accs}")
 print(f"test accuracy {m['final'].get('test_acc', float('nan')):.3f} (best epoch {m['best_epoch']}); chance 0.167")
 print(f"learning curves: {base / 'output/data/learning_curves.png'}")
 PY

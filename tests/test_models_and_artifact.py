@@ -59,6 +59,7 @@ def test_artifact_round_trip_predicts_the_same(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     assert card2.class_names == ["a", "b", "c"] and card2.eval_preset().to_dict() == preset.to_dict()
     assert json.loads((tmp_path / "model.json").read_text())["num_classes"] == 3
+    assert all((tmp_path / f).stat().st_mode & 0o777 == 0o644 for f in ("model.json", "model.pt"))
 
 
 @pytest.mark.parametrize("damage,fragment", [
