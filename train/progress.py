@@ -27,7 +27,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             if loss is not None and step % 10 == 0:  # .item() syncs the device: not every step
-                self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                self.bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         elif time.monotonic() - self.last_log >= self.log_every_s:
             self.last_log = time.monotonic()
             log.info("%s: %d/%d images", self.description, self.done, self.total)
