@@ -96,3 +96,26 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"The image{where} is corrupt or truncated: {exc}") from None
+
+
+def image_from_array(array: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An HWC (or HW) uint8 array, as a client sends it, to an RGB image like `open_image` returns.
+
+    1 channel is grayscale, 3 RGB, 4 RGBA (composited onto white as in training).
+    """
+    if array.dtype != np.uint8:
+        raise ImageDecodeError(f"The array has dtype {array.dtype}; send uint8 pixel values 0..255 "
+                               "(for example np.asarray(PIL.Image.open(f).convert('RGB'))).")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageDecodeError(f"The array has shape {tuple(array.shape)}; send one image as HxWx3 "
+                               "(or HxW, HxWx1, HxWx4) or a batch as NxHxWx3.")
+    height, width = array.shape[:2]
+    if height == 0 or width == 0:
+        raise ImageDecodeError(f"The array has shape {tuple(array.shape)}: an image needs at least one pixel.")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"The image has {width}x{height} pixels, over the limit of {max_pixels}: "
+                                 "resize it before sending it.")
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[2]]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array), mode=mode))

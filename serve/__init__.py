@@ -1,0 +1,1 @@
+"""Serving: the Multi Model Server handler (through sagemaker-inference) and its `serve` entry."""

@@ -1,0 +1,85 @@
+"""The model behind the endpoint: artifact in, class probabilities out, for a list of images.
+
+Built from the artifact with the shared factory and the eval preset stored in it, so the
+server preprocesses exactly as training evaluated. Images are decoded one at a time into
+uint8 crops, stacked, normalized on the device and run as one batch (in chunks of
+`chunk_size`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgcls import artifact
+from imgcls.errors import ClassifierError
+from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
+                 precision: str = "fp32", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.device = torch.device(device)
+        self.card = card
+        self.class_names = card.class_names
+        self.preset = card.eval_preset()
+        self.chunk_size = chunk_size
+        self.max_pixels = max_pixels
+        self.autocast_dtype = _DTYPES[precision]
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> Predictor:
+        model, card = artifact.load(Path(model_dir), map_location="cpu")
+        return cls(model, card, device, **kwargs)
+
+    def decode(self, source) -> Image.Image:
+        if isinstance(source, Image.Image):
+            return source
+        if isinstance(source, np.ndarray):
+            return image_from_array(source, self.max_pixels)
+        return open_image(bytes(source), max_pixels=self.max_pixels)
+
+    def preprocess(self, sources) -> torch.Tensor:
+        """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""
+        crops = []
+        for i, source in enumerate(sources):
+            try:
+                crops.append(self.preset(self.decode(source)))
+            except ClassifierError as exc:
+                if len(sources) > 1:
+                    exc.args = (f"Image {i} of {len(sources)}: {exc}",)
+                raise
+        return torch.stack(crops)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        x = self.preset.normalize(batch.to(self.device, non_blocking=True), channels_last=True)
+        with self._autocast():
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict(self, sources) -> np.ndarray:
+        """Probabilities, float32 (len(sources), num_classes)."""
+        out = []
+        for start in range(0, len(sources), self.chunk_size):
+            out.append(self.forward(self.preprocess(sources[start:start + self.chunk_size])))
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def warm_up(self, rounds: int = 2) -> None:
+        """Run the whole path once or twice so the first real request does not pay for lazy setup."""
+        side = self.preset.resize_size
+        image = Image.new("RGB", (side + side // 3, side), (128, 128, 128))
+        for _ in range(rounds):
+            self.predict([image])

@@ -1,0 +1,188 @@
+"""`serve`: start Multi Model Server with our handler, through sagemaker-inference.
+
+This is what `docker run IMAGE serve` runs, and natively `.venv/bin/serve`. Before the model
+server starts it checks what can be checked (settings, the artifact's metadata, the port) and
+chooses workers and threads for the CPUs. Then it watches: MMS keeps answering /ping with HTTP
+200 when the model failed to load, so a worker that cannot load the model stops the whole
+server with the reason, instead of leaving an endpoint that looks healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from imgcls.artifact import WEIGHTS_FILE, read_card
+from imgcls.errors import ArtifactError, ClassifierError
+
+from .settings import LOAD_FAILURE_FILE_ENV, MIB, READY_FILE_ENV, Settings, available_cpus, plan_concurrency
+
+HANDLER = "serve.handler_service:handle"
+MMS_NAMESPACE = "com.amazonaws.ml.mms.ModelServer"
+# Inside a container the JVM must size itself from the container's memory, not the host's.
+DEFAULT_VMARGS = "-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError"
+
+log = logging.getLogger("serve")
+
+
+def _model_dir(environ=os.environ) -> Path:
+    return Path(environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")).absolute() / "model"
+
+
+def _check_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise ClassifierError(f"Port {port} is not free ({exc.strerror}): stop what uses it or set "
+                                  "SAGEMAKER_BIND_TO_PORT to another port.") from None
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _mms_processes() -> list[psutil.Process]:
+    """The model server's JVM and Python workers started from this process group."""
+    pgid = os.getpgid(0)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if MMS_NAMESPACE in cmd or "model_service_worker" in cmd:
+            try:
+                if os.getpgid(proc.pid) == pgid:
+                    found.append(proc)
+            except OSError:
+                pass
+    return found
+
+
+class Watchdog(threading.Thread):
+    """Logs when the endpoint becomes healthy; stops everything if the model cannot load."""
+
+    def __init__(self, port: int, run_dir: Path, workers: int, startup_timeout: float, started: float):
+        super().__init__(name="serve-watchdog", daemon=True)
+        self.port, self.workers, self.startup_timeout = port, workers, startup_timeout
+        self.failure_file, self.ready_file = run_dir / "load-failure", run_dir / "ready"
+        self.failed: str | None = None
+        self.started = started
+
+    def _healthy(self) -> bool:
+        # /ping says Healthy before any worker has loaded the model (and with no model at all),
+        # so readiness is every worker's own report plus the server answering.
+        if not self.ready_file.exists() or len(self.ready_file.read_text().split()) < self.workers:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2) as resp:
+                return json.loads(resp.read() or b"{}").get("status") == "Healthy"
+        except (OSError, ValueError):
+            return False
+
+    def run(self) -> None:
+        ready = False
+        while not self.failed:
+            time.sleep(0.25 if not ready else 1.0)
+            if self.failure_file.exists():
+                reason = self.failure_file.read_text().strip().splitlines()[0]
+                self.fail(f"the model could not be loaded: {reason}")
+            elif not ready and self._healthy():
+                ready = True
+                log.info("ready: http://127.0.0.1:%d/invocations (%d workers loaded, start-up %.1f s)", self.port,
+                         self.workers, time.monotonic() - self.started)
+            elif not ready and time.monotonic() - self.started > self.startup_timeout:
+                self.fail(f"the model server was not healthy after {self.startup_timeout:.0f} s "
+                          "(SAGEMAKER_STARTUP_TIMEOUT); its log above says why.")
+
+    def fail(self, message: str) -> None:
+        self.failed = message
+        log.error("stopping: %s", message)
+        procs = _mms_processes()
+        for proc in procs:
+            proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            proc.kill()
+        time.sleep(5)
+        # The toolkit may still be waiting to find the server process; do not wait with it.
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def prepare(environ=os.environ) -> dict:
+    """Check everything that can be checked before MMS starts; return the environment it runs with."""
+    settings = Settings.from_env(environ)
+    model_dir = _model_dir(environ)
+    card = read_card(model_dir)
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise ArtifactError(f"No {WEIGHTS_FILE} in {model_dir}: the artifact is incomplete; use the "
+                            "model.tar.gz the training job wrote.")
+    port = int(environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    _check_port(port)
+    cpus, gpus = available_cpus(), _gpu_count()
+    workers, threads = plan_concurrency(cpus, gpus, environ.get("SAGEMAKER_MODEL_SERVER_WORKERS"),
+                                        environ.get("OMP_NUM_THREADS"))
+    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
+    env = {
+        "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "IMGCLS_THREADS": str(threads),
+        # Our handler enforces the payload limit with a JSON 413; the server's own limit (an empty
+        # 413) sits above it so that ours is the one clients see.
+        "IMGCLS_MAX_BODY_BYTES": str(settings.max_body_bytes),
+        "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(math.ceil(2 * settings.max_body_bytes / MIB) + 1),
+        LOAD_FAILURE_FILE_ENV: str(run_dir / "load-failure"),
+        READY_FILE_ENV: str(run_dir / "ready"),
+        "LOG_LOCATION": environ.get("LOG_LOCATION", str(run_dir / "logs")),
+        "METRICS_LOCATION": environ.get("METRICS_LOCATION", str(run_dir / "logs")),
+        "SAGEMAKER_MODEL_SERVER_VMARGS": environ.get("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
+        # multi-model-server is a script next to this Python (a venv is not always on PATH).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}",
+        "IMGCLS_RUN_DIR": str(run_dir),
+        # MMS resolves the model path against its model store, "/": it must be absolute.
+        "SAGEMAKER_BASE_DIR": str(model_dir.parent),
+    }
+    log.info("model %s: %s, %d classes; port %d; %d CPUs, %d GPUs -> %d workers x %d threads; "
+             "payload limit %.1f MB", model_dir, card.arch, card.num_classes, port, cpus, gpus, workers, threads,
+             settings.max_body_bytes / MIB)
+    return env
+
+
+def main() -> int:
+    started = time.monotonic()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        env = prepare()
+    except ClassifierError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    os.environ.update(env)
+    run_dir = Path(env["IMGCLS_RUN_DIR"])
+
+    from sagemaker_inference import model_server  # reads the environment at import
+
+    # The toolkit writes its config to /etc by default; a user without root could not start it.
+    model_server.MMS_CONFIG_FILE = str(run_dir / "mms.properties")
+    watchdog = Watchdog(int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")), run_dir,
+                        int(env["SAGEMAKER_MODEL_SERVER_WORKERS"]),
+                        float(os.environ.get("SAGEMAKER_STARTUP_TIMEOUT", "600")), started)
+    watchdog.start()
+    signal.signal(signal.SIGINT, lambda *_: [p.terminate() for p in _mms_processes()])
+    model_server.start_model_server(handler_service=HANDLER)
+    return 1 if watchdog.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

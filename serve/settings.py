@@ -1,0 +1,156 @@
+"""Serving settings, read from the environment once, at the edge, and checked at start-up.
+
+SageMaker's own variables (SAGEMAKER_*) keep their meaning; ours start with IMGCLS_. A wrong
+value stops `serve` before the model server starts, with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from imgcls.errors import ClassifierError
+from imgcls.images import DEFAULT_MAX_PIXELS
+
+MIB = 1024 * 1024
+# SageMaker real-time endpoints accept at most 6 MB per request; batch transform allows more
+# through SAGEMAKER_MAX_PAYLOAD_IN_MB.
+DEFAULT_MAX_PAYLOAD_MB = 6
+# `serve` names a file here; a worker that cannot load the model writes why, and `serve` stops.
+LOAD_FAILURE_FILE_ENV = "IMGCLS_LOAD_FAILURE_FILE"
+# ...and a worker that has loaded and warmed up the model adds a line here.
+READY_FILE_ENV = "IMGCLS_READY_FILE"
+
+
+class SettingsError(ClassifierError):
+    """An environment variable has a value serving cannot use."""
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    enabled: bool = False
+    allow_private: bool = False
+    max_bytes: int = 10 * MIB
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_body_bytes: int = DEFAULT_MAX_PAYLOAD_MB * MIB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    default_top_k: int = 5
+    chunk_size: int = 32          # images per forward pass; a bigger request runs in chunks
+    threads: int = 0              # intra-op threads per worker; 0 leaves torch's default
+    precision: str = "fp32"
+    url: UrlPolicy = UrlPolicy()
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Settings:
+        env = _Env(environ)
+        if "IMGCLS_MAX_BODY_BYTES" in environ:  # set by `serve` for its workers
+            max_body = env.integer("IMGCLS_MAX_BODY_BYTES", 0, minimum=1)
+        else:
+            max_body = round(env.number("SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_MAX_PAYLOAD_MB, minimum=0.001) * MIB)
+        precision = environ.get("IMGCLS_PRECISION", "fp32").strip().lower() or "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of fp32, bf16, fp16.")
+        return cls(
+            max_body_bytes=max_body,
+            max_pixels=env.integer("IMGCLS_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+            default_top_k=env.integer("IMGCLS_TOP_K", 5, minimum=1),
+            chunk_size=env.integer("IMGCLS_CHUNK_SIZE", 32, minimum=1),
+            threads=env.integer("IMGCLS_THREADS", 0, minimum=0),
+            precision=precision,
+            url=UrlPolicy(
+                enabled=env.flag("IMGCLS_URL_FETCH"),
+                allow_private=env.flag("IMGCLS_URL_ALLOW_PRIVATE"),
+                max_bytes=round(env.number("IMGCLS_URL_MAX_MB", 10, minimum=0.001) * MIB),
+                timeout_s=env.number("IMGCLS_URL_TIMEOUT_S", 5.0, minimum=0.1),
+            ),
+        )
+
+
+class _Env:
+    def __init__(self, environ):
+        self.environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        return None if value is None or not value.strip() else value.strip()
+
+    def number(self, name: str, default: float, minimum: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return float(default)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number.") from None
+        if not math.isfinite(value) or value < minimum:
+            raise SettingsError(f"{name}={raw!r} must be a number >= {minimum}.")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a whole number.") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={raw!r} must be at least {minimum}.")
+        return value
+
+    def flag(self, name: str) -> bool:
+        raw = (self._raw(name) or "false").lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r} is not a boolean; use true or false.")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota:
+        cpus = min(cpus, max(1, math.floor(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:  # cgroup v2: "max 100000" or "200000 100000"
+            quota, period = fh.read().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+            quota_us, period_us = int(q.read()), int(p.read())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def plan_concurrency(cpus: int, gpus: int, workers: str | None = None, threads: str | None = None) -> tuple[int, int]:
+    """(model server workers, intra-op threads per worker) that together use the CPUs once.
+
+    MMS's default is one worker per CPU, each with a model copy and torch's default of one
+    thread per CPU: N^2 threads fighting for N cores. On CPU we run few workers with several
+    threads each (a worker per 4 cores); on GPU one worker per GPU.
+    """
+    env = _Env({"SAGEMAKER_MODEL_SERVER_WORKERS": workers or "", "OMP_NUM_THREADS": threads or ""})
+    if gpus > 0:
+        default_workers = gpus
+    else:
+        default_workers = max(1, cpus // 4)
+    n_workers = env.integer("SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
+    n_threads = env.integer("OMP_NUM_THREADS", max(1, cpus // n_workers), minimum=1)
+    return n_workers, n_threads
