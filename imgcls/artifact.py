@@ -119,7 +119,12 @@ def load(model_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.
         raise ArtifactError(f"{weights} cannot be read ({type(exc).__name__}: {exc}): the file is damaged; "
                             "use the model.tar.gz the training job wrote.") from None
     try:
-        model = create_model(card.arch, card.num_classes, weights="state_dict", state_dict=state)
-    except ClassifierError as exc:
-        raise ArtifactError(f"{weights} does not match {METADATA_FILE}: {exc}") from None
+        model = create_model(card.arch, card.num_classes)
+        # Strict: an artifact's own weights fit exactly. A head of another size must not be
+        # swapped for a random one (create_model's pretrained path does that on purpose).
+        model.load_state_dict(state, strict=True)
+    except (ClassifierError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()
+        raise ArtifactError(f"{weights} does not match {METADATA_FILE} ({card.arch}, {card.num_classes} classes): "
+                            f"{' '.join(detail[:3])[:400]}. Keep the two files of one training job together.") from None
     return model.eval(), card

@@ -27,3 +27,32 @@ print(f"\nvalid accuracy per epoch: {accs}")
 print(f"test accuracy {m['final'].get('test_acc', float('nan')):.3f} (best epoch {m['best_epoch']}); chance 0.167")
 print(f"learning curves: {base / 'output/data/learning_curves.png'}")
 PY
+
+echo
+echo "== serving the model (MMS through sagemaker-inference) and predicting held-out images"
+export SAGEMAKER_BIND_TO_PORT=${SAGEMAKER_BIND_TO_PORT:-8080}
+log="$test_dir/serve.log"
+"$here/serve_local.sh" --native "$test_dir" >"$log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
+until grep -q "serve INFO ready" "$log"; do
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "error: the server did not start; its log ($log) ends with:" >&2; tail -5 "$log" >&2; exit 1
+  fi
+  sleep 0.5
+done
+grep "serve INFO ready" "$log"
+for class_dir in "$test_dir"/input/data/test/*/; do
+  file=$(ls "$class_dir" | head -1)
+  printf '%s\t' "$(basename "$class_dir")"
+  TOP_K=3 "$here/predict.sh" "$class_dir$file"
+done | "$venv/bin/python" -c '
+import json, sys
+print("true label  top-3 from the endpoint")
+for line in sys.stdin:
+    truth, _, body = line.rstrip("\n").partition("\t")
+    top = json.loads(body)["predictions"][0]["top_k"]
+    mark = "ok " if top[0]["label"] == truth else "   "
+    print(truth.ljust(10), mark + "  ".join("{} {:.2f}".format(t["label"], t["probability"]) for t in top))
+'
+echo "(server log: $log)"

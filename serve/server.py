@@ -41,6 +41,14 @@ def _model_dir(environ=os.environ) -> Path:
     return Path(environ.get("SAGEMAKER_BASE_DIR", "/opt/ml")).absolute() / "model"
 
 
+def _port(environ) -> int:
+    raw = environ.get("SAGEMAKER_BIND_TO_PORT", "8080")
+    # Multi Model Server stores ports as a Java short and refuses 32767 and above.
+    if not raw.strip().isdigit() or not 0 < int(raw) < 32767:
+        raise ClassifierError(f"SAGEMAKER_BIND_TO_PORT={raw!r} is not a port the model server accepts: use 1 to 32766.")
+    return int(raw)
+
+
 def _check_port(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,6 +79,20 @@ def _mms_processes() -> list[psutil.Process]:
     return found
 
 
+def _stop(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 class Watchdog(threading.Thread):
     """Logs when the endpoint becomes healthy; stops everything if the model cannot load."""
 
@@ -79,6 +101,7 @@ class Watchdog(threading.Thread):
         self.port, self.workers, self.startup_timeout = port, workers, startup_timeout
         self.failure_file, self.ready_file = run_dir / "load-failure", run_dir / "ready"
         self.failed: str | None = None
+        self.ready = False
         self.started = started
 
     def _healthy(self) -> bool:
@@ -93,30 +116,23 @@ class Watchdog(threading.Thread):
             return False
 
     def run(self) -> None:
-        ready = False
         while not self.failed:
-            time.sleep(0.25 if not ready else 1.0)
+            time.sleep(0.25 if not self.ready else 1.0)
             if self.failure_file.exists():
                 reason = self.failure_file.read_text().strip().splitlines()[0]
                 self.fail(f"the model could not be loaded: {reason}")
-            elif not ready and self._healthy():
-                ready = True
+            elif not self.ready and self._healthy():
+                self.ready = True
                 log.info("ready: http://127.0.0.1:%d/invocations (%d workers loaded, start-up %.1f s)", self.port,
                          self.workers, time.monotonic() - self.started)
-            elif not ready and time.monotonic() - self.started > self.startup_timeout:
+            elif not self.ready and time.monotonic() - self.started > self.startup_timeout:
                 self.fail(f"the model server was not healthy after {self.startup_timeout:.0f} s "
                           "(SAGEMAKER_STARTUP_TIMEOUT); its log above says why.")
 
     def fail(self, message: str) -> None:
         self.failed = message
         log.error("stopping: %s", message)
-        procs = _mms_processes()
-        for proc in procs:
-            proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            proc.kill()
-        time.sleep(5)
+        _stop(_mms_processes())
         # The toolkit may still be waiting to find the server process; do not wait with it.
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(1)
@@ -130,7 +146,7 @@ def prepare(environ=os.environ) -> dict:
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(f"No {WEIGHTS_FILE} in {model_dir}: the artifact is incomplete; use the "
                             "model.tar.gz the training job wrote.")
-    port = int(environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    port = _port(environ)
     _check_port(port)
     cpus, gpus = available_cpus(), _gpu_count()
     workers, threads = plan_concurrency(cpus, gpus, environ.get("SAGEMAKER_MODEL_SERVER_WORKERS"),
@@ -175,13 +191,22 @@ def main() -> int:
 
     # The toolkit writes its config to /etc by default; a user without root could not start it.
     model_server.MMS_CONFIG_FILE = str(run_dir / "mms.properties")
-    watchdog = Watchdog(int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080")), run_dir,
+    watchdog = Watchdog(_port(os.environ), run_dir,
                         int(env["SAGEMAKER_MODEL_SERVER_WORKERS"]),
                         float(os.environ.get("SAGEMAKER_STARTUP_TIMEOUT", "600")), started)
     watchdog.start()
     signal.signal(signal.SIGINT, lambda *_: [p.terminate() for p in _mms_processes()])
-    model_server.start_model_server(handler_service=HANDLER)
-    return 1 if watchdog.failed else 0
+    try:
+        model_server.start_model_server(handler_service=HANDLER)
+    finally:
+        # MMS's JVM exits on SIGTERM but leaves its Python workers running; stop them too.
+        _stop(_mms_processes())
+    if watchdog.failed:
+        return 1
+    if not watchdog.ready:
+        print("error: the model server stopped before it was ready; its log above says why.", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

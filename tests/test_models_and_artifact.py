@@ -62,12 +62,20 @@ def test_artifact_round_trip_predicts_the_same(tmp_path):
     assert all((tmp_path / f).stat().st_mode & 0o777 == 0o644 for f in ("model.json", "model.pt"))
 
 
+def _edit_card(model_dir, **changes):
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta.update(changes)
+    (model_dir / "model.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage,fragment", [
     (lambda d: (d / "model.json").unlink(), "No model.json"),
     (lambda d: (d / "model.pt").unlink(), "No model.pt"),
     (lambda d: (d / "model.json").write_text("{"), "not valid JSON"),
     (lambda d: (d / "model.pt").write_bytes(b"garbage"), "cannot be read"),
     (lambda d: (d / "model.json").write_text(json.dumps({"format_version": 99})), "format_version 99"),
+    (lambda d: _edit_card(d, class_names=["a", "b", "c"]), "does not match model.json"),
+    (lambda d: _edit_card(d, arch="resnet34"), "does not match model.json"),
 ])
 def test_damaged_artifacts_fail_loudly(tmp_path, damage, fragment):
     artifact.save(tmp_path, create_model("resnet18", 2), artifact.ModelCard(

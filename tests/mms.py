@@ -1,0 +1,109 @@
+"""A real `serve` (Multi Model Server through sagemaker-inference) on a free loopback port."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import BIN, ROOT
+
+
+def free_port() -> int:
+    """A free port below 32767 (Multi Model Server refuses higher ones)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+class Server:
+    def __init__(self, base: Path, tmp: Path, **env):
+        self.port = free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "IMGCLS_", "SM_"))}
+        full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), PYTHONPATH=str(ROOT),
+                        TEMP=str(tmp), TMPDIR=str(tmp), LOG_LOCATION=str(tmp / "logs"),
+                        METRICS_LOCATION=str(tmp / "logs"))
+        full_env.update({k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen([str(BIN / "serve")], env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "serve INFO ready" in self.output:
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.output[-4000:]}")
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"serve not ready after {timeout} s:\n{self.output[-4000:]}")
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+        self._reader.join(timeout=5)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the process group (MMS workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def invoke(self, body: bytes, content_type: str | None, accept: str | None = None,
+               headers: dict | None = None, timeout: float = 60) -> tuple[int, str, bytes]:
+        """POST /invocations; (status, response content type, body). No header is added unasked."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            all_headers = {"Content-Length": str(len(body))}
+            if content_type:
+                all_headers["Content-Type"] = content_type
+            if accept:
+                all_headers["Accept"] = accept
+            all_headers.update(headers or {})
+            conn.request("POST", "/invocations", body=body, headers=all_headers)
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("Content-Type", ""), resp.read()
+        finally:
+            conn.close()
+
+    def ping(self) -> tuple[int, bytes]:
+        with urllib.request.urlopen(f"{self.url}/ping", timeout=10) as resp:
+            return resp.status, resp.read()

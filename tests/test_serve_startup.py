@@ -1,0 +1,90 @@
+"""`serve` refuses to start, visibly, when it cannot serve the model it was given."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import psutil
+import pytest
+
+from imgcls import artifact
+from imgcls.models import create_model
+from imgcls.presets import ClassificationPresetEval
+from tests.mms import Server, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def make_artifact(base, num_classes=3):
+    model = create_model("resnet18", num_classes)
+    card = artifact.ModelCard(arch="resnet18", class_names=[f"c{i}" for i in range(num_classes)],
+                              preprocess=ClassificationPresetEval(32).to_dict())
+    artifact.save(base / "model", model, card)
+    return base / "model"
+
+
+def leftovers(tmp) -> list[str]:
+    """Model server processes still running from this test's temp dir (the JVM and its workers use it)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if str(tmp) in cmd:
+            found.append(cmd[:200])
+    return found
+
+
+def test_damaged_weights_stop_the_server_with_the_reason(tmp_path):
+    model_dir = make_artifact(tmp_path / "ml")
+    weights = model_dir / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    started = time.monotonic()
+    server = Server(tmp_path / "ml", tmp_path / "mms")
+    code = server.wait_exit(timeout=120)
+    out = server.output
+    assert code == 1, out[-3000:]
+    assert "the model could not be loaded" in out and "model.pt cannot be read" in out
+    assert "serve INFO ready" not in out
+    assert time.monotonic() - started < 60
+    time.sleep(1)
+    assert leftovers(tmp_path / "mms") == []
+
+
+def test_weights_for_another_class_count_are_refused(tmp_path):
+    model_dir = make_artifact(tmp_path / "ml", num_classes=3)
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["class_names"] = ["a", "b", "c", "d"]
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    server = Server(tmp_path / "ml", tmp_path / "mms")
+    assert server.wait_exit(timeout=120) == 1
+    assert "does not match model.json" in server.output
+
+
+@pytest.mark.parametrize("setup,env,words", [
+    ("missing", {}, "No model.json"),
+    ("ok", {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "six"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB='six' is not a number"),
+    ("ok", {"SAGEMAKER_MODEL_SERVER_WORKERS": "0"}, "SAGEMAKER_MODEL_SERVER_WORKERS='0' must be at least 1"),
+    ("ok", {"SAGEMAKER_BIND_TO_PORT": "40000"}, "1 to 32766"),
+    ("no-weights", {}, "No model.pt"),
+])
+def test_checks_before_the_model_server_starts(tmp_path, setup, env, words):
+    if setup != "missing":
+        model_dir = make_artifact(tmp_path / "ml")
+        if setup == "no-weights":
+            (model_dir / "model.pt").unlink()
+    server = Server(tmp_path / "ml", tmp_path / "mms", **env)
+    assert server.wait_exit(timeout=60) == 1
+    assert words in server.output
+    assert "multi-model-server" not in server.output  # stopped before starting it
+
+
+def test_port_in_use_is_named(tmp_path):
+    make_artifact(tmp_path / "ml")
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", port))
+        busy.listen()
+        server = Server(tmp_path / "ml", tmp_path / "mms", SAGEMAKER_BIND_TO_PORT=str(port))
+        assert server.wait_exit(timeout=60) == 1
+    assert f"Port {port} is not free" in server.output
