@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,launch,dev]'
 	touch $@
 
-# Train on a generated dataset of drawn shapes, through the real toolkit entry, offline.
+# Train on a generated dataset of drawn shapes through the real toolkit entry, offline; then serve
+# the model with MMS and predict held-out images.
 demo: setup
 	./local_test/demo.sh
 
@@ -28,9 +29,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Training throughput, then serving latency/throughput; BENCH_ARGS=--quick for a smoke run.
 bench: setup
 	$(BIN)/python -m bench.train_throughput $(BENCH_ARGS)
+	$(BIN)/python -m bench.serve_latency $(BENCH_ARGS)
 
 clean:
 	rm -rf local_test/test_dir/input/data local_test/test_dir/model local_test/test_dir/output \
-	       local_test/test_dir/checkpoints local_test/test_dir/code bench/results
+	       local_test/test_dir/checkpoints local_test/test_dir/code local_test/test_dir/serve.log bench/results

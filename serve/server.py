@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from imgcls.artifact import WEIGHTS_FILE, read_card
+from imgcls.artifact import METADATA_FILE, WEIGHTS_FILE, read_card
 from imgcls.errors import ArtifactError, ClassifierError
 
 from .settings import LOAD_FAILURE_FILE_ENV, MIB, READY_FILE_ENV, Settings, available_cpus, plan_concurrency
@@ -138,10 +139,28 @@ class Watchdog(threading.Thread):
         os._exit(1)
 
 
+def _unpacked(model_dir: Path, run_dir: Path) -> Path:
+    """The model dir, or, when it holds only the training job's model.tar.gz (downloaded from S3
+    by hand), that archive unpacked. SageMaker itself always unpacks it into /opt/ml/model."""
+    archive = model_dir / "model.tar.gz"
+    if (model_dir / METADATA_FILE).exists() or not archive.is_file():
+        return model_dir
+    target = run_dir / "model"
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")  # no absolute paths, links out or devices
+    except (tarfile.TarError, OSError) as exc:
+        raise ArtifactError(f"{archive} cannot be unpacked ({exc}): download it again from the training job's "
+                            "output path.") from None
+    log.info("unpacked %s into %s", archive, target)
+    return target
+
+
 def prepare(environ=os.environ) -> dict:
     """Check everything that can be checked before MMS starts; return the environment it runs with."""
     settings = Settings.from_env(environ)
-    model_dir = _model_dir(environ)
+    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
+    model_dir = _unpacked(_model_dir(environ), run_dir)
     card = read_card(model_dir)
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(f"No {WEIGHTS_FILE} in {model_dir}: the artifact is incomplete; use the "
@@ -151,7 +170,6 @@ def prepare(environ=os.environ) -> dict:
     cpus, gpus = available_cpus(), _gpu_count()
     workers, threads = plan_concurrency(cpus, gpus, environ.get("SAGEMAKER_MODEL_SERVER_WORKERS"),
                                         environ.get("OMP_NUM_THREADS"))
-    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
     env = {
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "IMGCLS_THREADS": str(threads),

@@ -20,3 +20,15 @@ def test_training_benchmark_quick_run(tmp_path):
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
     assert "e2e/syn" in result.stdout
+
+
+def test_serving_benchmark_quick_run(tmp_path):
+    out = tmp_path / "serve.json"
+    result = subprocess.run([sys.executable, "-m", "bench.serve_latency", "--quick", "--archs", "resnet18",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["arch"] == "resnet18" and row["startup_s"] > 0
+    assert 0 < row["in_process_ms"] and 0 < row["p50_ms"] <= row["p95_ms"]
+    assert min(row["img_s_c1"], row["img_s_c4"], row["img_s_c8"]) > 0
+    assert "in-proc ms" in result.stdout

@@ -17,8 +17,8 @@ from PIL import Image
 
 from imgcls import artifact
 from imgcls.images import open_image
+from serve.process import ServeProcess as Server
 from tests.conftest import Job
-from tests.mms import Server
 from train.data import ImageDataset
 from train.synthetic import make_dataset
 

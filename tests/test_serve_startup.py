@@ -12,7 +12,8 @@ import pytest
 from imgcls import artifact
 from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval
-from tests.mms import Server, free_port
+from serve.process import ServeProcess as Server
+from serve.process import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +89,31 @@ def test_port_in_use_is_named(tmp_path):
         server = Server(tmp_path / "ml", tmp_path / "mms", SAGEMAKER_BIND_TO_PORT=str(port))
         assert server.wait_exit(timeout=60) == 1
     assert f"Port {port} is not free" in server.output
+
+
+def test_serves_a_model_tar_gz_as_downloaded(tmp_path):
+    """A model dir holding only the training job's model.tar.gz is unpacked and served."""
+    import tarfile
+    model_dir = make_artifact(tmp_path / "job")
+    served = tmp_path / "ml" / "model"
+    served.mkdir(parents=True)
+    with tarfile.open(served / "model.tar.gz", "w:gz") as tar:
+        for name in ("model.json", "model.pt"):
+            tar.add(model_dir / name, arcname=name)
+    server = Server(tmp_path / "ml", tmp_path / "mms")
+    try:
+        server.wait_ready()
+        code, _, body = server.invoke(_jpeg(), "image/jpeg")
+        assert code == 200 and json.loads(body)["predictions"][0]["label"] in ("c0", "c1", "c2")
+        assert "unpacked" in server.output
+    finally:
+        server.stop()
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()

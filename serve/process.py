@@ -1,4 +1,7 @@
-"""A real `serve` (Multi Model Server through sagemaker-inference) on a free loopback port."""
+"""Run `serve` as a child process on a free port and talk to it: for tests, benchmarks and scripts.
+
+The child gets its own session, so stop() ends the JVM and its Python workers with it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import BIN, ROOT
+BIN = Path(sys.executable).parent
+READY_MARK = "serve INFO ready"
 
 
 def free_port() -> int:
@@ -29,15 +34,18 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
-class Server:
+class ServeProcess:
     def __init__(self, base: Path, tmp: Path, **env):
+        """base: a folder shaped like /opt/ml (base/model holds the artifact); tmp: MMS's temp and logs."""
         self.port = free_port()
         tmp.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "IMGCLS_", "SM_"))}
-        full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), PYTHONPATH=str(ROOT),
+        full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port),
                         TEMP=str(tmp), TMPDIR=str(tmp), LOG_LOCATION=str(tmp / "logs"),
                         METRICS_LOCATION=str(tmp / "logs"))
         full_env.update({k: str(v) for k, v in env.items()})
+        self.started = time.monotonic()
+        self.ready_after: float | None = None
         self.proc = subprocess.Popen([str(BIN / "serve")], env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -56,10 +64,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 120) -> Server:
+    def wait_ready(self, timeout: float = 120) -> ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "serve INFO ready" in self.output:
+            if READY_MARK in self.output:
+                self.ready_after = time.monotonic() - self.started
                 return self
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.output[-4000:]}")
