@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -35,18 +36,17 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, base: Path, tmp: Path, **env):
-        """base: a folder shaped like /opt/ml (base/model holds the artifact); tmp: MMS's temp and logs."""
+    def __init__(self, base: Path, tmp: Path, command: list[str] | None = None, **env):
+        """base: a folder shaped like /opt/ml (base/model holds the artifact); tmp: MMS's log files."""
         self.port = free_port()
         tmp.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "IMGCLS_", "SM_"))}
         full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port),
-                        TEMP=str(tmp), TMPDIR=str(tmp), LOG_LOCATION=str(tmp / "logs"),
-                        METRICS_LOCATION=str(tmp / "logs"))
+                        LOG_LOCATION=str(tmp / "logs"), METRICS_LOCATION=str(tmp / "logs"))
         full_env.update({k: str(v) for k, v in env.items()})
         self.started = time.monotonic()
         self.ready_after: float | None = None
-        self.proc = subprocess.Popen([str(BIN / "serve")], env=full_env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(command or [str(BIN / "serve")], env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -59,6 +59,12 @@ class ServeProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The server's working folder (MMS config, sockets), from its first log line."""
+        match = re.search(r"run dir (\S+)", self.output)
+        return match.group(1) if match else None
 
     @property
     def url(self) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -65,19 +66,26 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _mms_processes() -> list[psutil.Process]:
-    """The model server's JVM and Python workers started from this process group."""
-    pgid = os.getpgid(0)
+def _mms_processes(run_dir: Path) -> list[psutil.Process]:
+    """This server's JVM and Python workers: their command lines name its run dir (the JVM's
+    config file, the workers' socket), so other model servers on the machine are left alone."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
-        if MMS_NAMESPACE in cmd or "model_service_worker" in cmd:
-            try:
-                if os.getpgid(proc.pid) == pgid:
-                    found.append(proc)
-            except OSError:
-                pass
+        if str(run_dir) in cmd and (MMS_NAMESPACE in cmd or "model_service_worker" in cmd):
+            found.append(proc)
     return found
+
+
+def _own_mms_finder(run_dir: Path):
+    """Replaces the toolkit's lookup of the MMS process, which takes any MMS on the machine and
+    fails while two run (a second endpoint, a test next to a demo); ours is the one with our config."""
+    def find() -> psutil.Process:
+        jvms = [p for p in _mms_processes(run_dir) if MMS_NAMESPACE in " ".join(p.cmdline())]
+        if len(jvms) != 1:
+            raise RuntimeError(f"expected this server's MMS process, found {len(jvms)}")
+        return jvms[0]
+    return find
 
 
 def _stop(procs: list[psutil.Process]) -> None:
@@ -100,6 +108,7 @@ class Watchdog(threading.Thread):
     def __init__(self, port: int, run_dir: Path, workers: int, startup_timeout: float, started: float):
         super().__init__(name="serve-watchdog", daemon=True)
         self.port, self.workers, self.startup_timeout = port, workers, startup_timeout
+        self.run_dir = run_dir
         self.failure_file, self.ready_file = run_dir / "load-failure", run_dir / "ready"
         self.failed: str | None = None
         self.ready = False
@@ -133,7 +142,8 @@ class Watchdog(threading.Thread):
     def fail(self, message: str) -> None:
         self.failed = message
         log.error("stopping: %s", message)
-        _stop(_mms_processes())
+        _stop(_mms_processes(self.run_dir))
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         # The toolkit may still be waiting to find the server process; do not wait with it.
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(1)
@@ -158,8 +168,17 @@ def _unpacked(model_dir: Path, run_dir: Path) -> Path:
 
 def prepare(environ=os.environ) -> dict:
     """Check everything that can be checked before MMS starts; return the environment it runs with."""
+    # Short and under /tmp: MMS puts its worker sockets here, and a socket path has at most 107 bytes.
+    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-serve-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    try:
+        return _prepare(environ, run_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _prepare(environ, run_dir: Path) -> dict:
     settings = Settings.from_env(environ)
-    run_dir = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
     model_dir = _unpacked(_model_dir(environ), run_dir)
     card = read_card(model_dir)
     if not (model_dir / WEIGHTS_FILE).is_file():
@@ -185,12 +204,15 @@ def prepare(environ=os.environ) -> dict:
         # multi-model-server is a script next to this Python (a venv is not always on PATH).
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}",
         "IMGCLS_RUN_DIR": str(run_dir),
+        # MMS keeps its pid file (TMPDIR) and worker sockets (TEMP) there: one run dir per server
+        # lets several run side by side.
+        "TEMP": str(run_dir), "TMPDIR": str(run_dir),
         # MMS resolves the model path against its model store, "/": it must be absolute.
         "SAGEMAKER_BASE_DIR": str(model_dir.parent),
     }
     log.info("model %s: %s, %d classes; port %d; %d CPUs, %d GPUs -> %d workers x %d threads; "
-             "payload limit %.1f MB", model_dir, card.arch, card.num_classes, port, cpus, gpus, workers, threads,
-             settings.max_body_bytes / MIB)
+             "payload limit %.1f MB; run dir %s", model_dir, card.arch, card.num_classes, port, cpus, gpus, workers,
+             threads, settings.max_body_bytes / MIB, run_dir)
     return env
 
 
@@ -209,16 +231,18 @@ def main() -> int:
 
     # The toolkit writes its config to /etc by default; a user without root could not start it.
     model_server.MMS_CONFIG_FILE = str(run_dir / "mms.properties")
+    model_server._retrieve_mms_server_process = _own_mms_finder(run_dir)
     watchdog = Watchdog(_port(os.environ), run_dir,
                         int(env["SAGEMAKER_MODEL_SERVER_WORKERS"]),
                         float(os.environ.get("SAGEMAKER_STARTUP_TIMEOUT", "600")), started)
     watchdog.start()
-    signal.signal(signal.SIGINT, lambda *_: [p.terminate() for p in _mms_processes()])
+    signal.signal(signal.SIGINT, lambda *_: [p.terminate() for p in _mms_processes(run_dir)])
     try:
         model_server.start_model_server(handler_service=HANDLER)
     finally:
         # MMS's JVM exits on SIGTERM but leaves its Python workers running; stop them too.
-        _stop(_mms_processes())
+        _stop(_mms_processes(run_dir))
+        shutil.rmtree(run_dir, ignore_errors=True)
     if watchdog.failed:
         return 1
     if not watchdog.ready:

@@ -295,3 +295,18 @@ def test_batch_transform_record(server, images, reference, tmp_path):
     code, _, out = server.invoke(images["photo.webp"].read_bytes(), "image/webp", headers=all_classes(3))
     assert code == 200 and out.count(b"\n") == 0
     np.testing.assert_allclose(probs_of(predictions(out)[0], 3), reference["photo.webp"], atol=ATOL)
+
+
+def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_path):
+    """Two endpoints on one machine (a test next to a demo, two models): each finds its own MMS."""
+    second = Server(trained.base, tmp_path / "mms2")
+    try:
+        second.wait_ready(timeout=120)
+        for srv in (second, server):
+            code, _, out = srv.invoke(images["big.jpg"].read_bytes(), "image/jpeg", accept="application/x-npy")
+            assert code == 200
+            np.testing.assert_allclose(np.load(io.BytesIO(out))[0], reference["big.jpg"], atol=ATOL)
+    finally:
+        second.stop()
+    code, body = server.ping()
+    assert code == 200 and b"Healthy" in body

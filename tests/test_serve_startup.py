@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -26,12 +27,12 @@ def make_artifact(base, num_classes=3):
     return base / "model"
 
 
-def leftovers(tmp) -> list[str]:
-    """Model server processes still running from this test's temp dir (the JVM and its workers use it)."""
+def leftovers(run_dir: str) -> list[str]:
+    """Model server processes still running from a server's run dir (the JVM and its workers name it)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
-        if str(tmp) in cmd:
+        if run_dir in cmd:
             found.append(cmd[:200])
     return found
 
@@ -49,7 +50,8 @@ def test_damaged_weights_stop_the_server_with_the_reason(tmp_path):
     assert "serve INFO ready" not in out
     assert time.monotonic() - started < 60
     time.sleep(1)
-    assert leftovers(tmp_path / "mms") == []
+    assert server.run_dir and leftovers(server.run_dir) == []
+    assert not Path(server.run_dir).exists()
 
 
 def test_weights_for_another_class_count_are_refused(tmp_path):
@@ -117,3 +119,29 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (50, 40), (200, 30, 30)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_local_test_scripts(tmp_path):
+    """serve_local.sh --native serves a /opt/ml-shaped folder; predict.sh prints the endpoint's JSON."""
+    import subprocess
+
+    from tests.conftest import ROOT
+    make_artifact(tmp_path / "ml")
+    (tmp_path / "cat.jpg").write_bytes(_jpeg())
+    server = Server(tmp_path / "ml", tmp_path / "mms",
+                    command=[str(ROOT / "local_test" / "serve_local.sh"), "--native", str(tmp_path / "ml")])
+    try:
+        server.wait_ready()
+        env = {"ENDPOINT": server.url, "TOP_K": "2", "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([str(ROOT / "local_test" / "predict.sh"), str(tmp_path / "cat.jpg")], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["predictions"][0]["top_k"]) == 2
+        bad = subprocess.run([str(ROOT / "local_test" / "predict.sh"), str(tmp_path / "cat.jpg"), "text/plain"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and json.loads(bad.stdout)["code"] == 415
+    finally:
+        server.stop()
+    no_model = subprocess.run([str(ROOT / "local_test" / "serve_local.sh"), "--native", str(tmp_path / "empty")],
+                              capture_output=True, text=True, timeout=60)
+    assert no_model.returncode == 2 and "train one first" in no_model.stderr
