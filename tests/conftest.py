@@ -94,3 +94,14 @@ def tiny_data(job) -> Job:
     """3 classes x 10 train images (and 3 test images each), 32x32 JPEG."""
     make_dataset(job.data, per_class=10, size=32, classes=3, test_per_class=3, seed=1)
     return job
+
+
+# (stage, seconds) recorded by the long container tests, printed at the end of the run.
+stage_times: list[tuple[str, float]] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if stage_times:
+        terminalreporter.section("container stages")
+        for stage, seconds in stage_times:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {stage}" if seconds else f"           {stage}")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Make this machine able to build and run the images without Docker: podman with runc, a local
+# registry, and a Debian base image made with debootstrap (no registry can be pulled from here).
+#
+#   local_test/podman_setup.sh        prints the base image name on its last line
+#
+# Idempotent: installs only what is missing (Debian/Ubuntu, as root) and reuses the base image.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+base_image=${BASE_IMAGE_NAME:-localhost/debian-base:bookworm}
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/podman/containers.conf}
+
+missing=()
+for tool in podman:podman runc:runc debootstrap:debootstrap docker-registry:docker-registry; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "error: ${missing[*]} missing and not root: install them with apt" >&2; exit 1; }
+  echo "== installing ${missing[*]}" >&2
+  apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! podman image exists "$base_image"; then
+  echo "== making $base_image with debootstrap" >&2
+  root=$(mktemp -d)
+  trap 'rm -rf "$root"' EXIT
+  debootstrap --variant=minbase bookworm "$root" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >&2
+  tar -C "$root" -c . | podman import - "$base_image" >&2
+fi
+echo "$base_image"

@@ -1,0 +1,253 @@
+"""Both images built with podman and run as SageMaker runs them, then pushed by build_and_push.sh
+to a real registry on loopback with ECR and STS answered by moto_server.
+
+Each stage's time goes to the end of the pytest report (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve.predictor import Predictor
+from serve.process import free_port
+from tests.conftest import ROOT, TINY, stage_times
+from train.synthetic import make_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.containers]
+
+PREFIX, TAG = "imgcls-ci", "test"
+CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def run(cmd, env, timeout, stage=None, check=True, **kw) -> subprocess.CompletedProcess:
+    start = time.monotonic()
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+    if stage:
+        stage_times.append((stage, time.monotonic() - start))
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stdout[-4000:]}\n"
+                    f"{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = dict(os.environ, DOCKER="podman", CONTAINERS_CONF=str(ROOT / "local_test" / "podman" / "containers.conf"),
+             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return e
+
+
+@pytest.fixture(scope="module")
+def base_image(env) -> str:
+    out = run([str(ROOT / "local_test" / "podman_setup.sh")], env, 900, stage="podman setup + base image")
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def build_args(base_image) -> list[str]:
+    args = ["--build-arg", f"BASE_IMAGE={base_image}", "--build-arg", "TORCH_INDEX_URL=https://pypi.org/simple",
+            # Weights cannot be downloaded here; the baked-in path is checked with a local file below.
+            "--build-arg", "PRETRAINED_ARCHS="]
+    if CA.is_file():  # builds go through an inspecting proxy here
+        args += ["--build-arg", "PIP_CERT=/run/build-ca.crt", "-v", f"{CA}:/run/build-ca.crt:ro"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def images(env, build_args) -> dict[str, str]:
+    out = run([str(ROOT / "build_and_push.sh"), "--no-push", "--prefix", PREFIX, "--tag", TAG, "--", *build_args],
+              env, 3000, stage="build both images")
+    names = out.stdout.strip().splitlines()[-2:]
+    assert names == [f"{PREFIX}-train:{TAG}", f"{PREFIX}-serve:{TAG}"]
+    sizes = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], env, 60).stdout
+    stage_times.append(("image sizes: " + "; ".join(s for s in sizes.splitlines() if PREFIX in s and TAG in s), 0.0))
+    refs = {"train": f"localhost/{PREFIX}-train:{TAG}", "serve": f"localhost/{PREFIX}-serve:{TAG}"}
+    # The Dockerfiles share their first layers (base, Python, torch): built and pushed once.
+    layers = {k: json.loads(run(["podman", "image", "inspect", v], env, 60).stdout)[0]["RootFS"]["Layers"]
+              for k, v in refs.items()}
+    assert layers["train"][:4] == layers["serve"][:4]
+    return refs
+
+
+@pytest.fixture(scope="module")
+def trained_dir(images, env, tmp_path_factory) -> Path:
+    """local_test/train_local.sh IMAGE on a tiny dataset, from 'ImageNet' weights baked in at TORCH_HOME."""
+    base = tmp_path_factory.mktemp("container-job")
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    spec = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": spec, "test": spec}))
+    (config / "hyperparameters.json").write_text(json.dumps({**TINY, "weights": "imagenet", "num-workers": "1"}))
+    make_dataset(base / "input" / "data", per_class=10, size=32, classes=3, test_per_class=3, seed=1)
+    # Stand-in for the weights the image bakes in: a state dict under torchvision's file name.
+    import torchvision
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    hub = base / "torch_hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), hub / os.path.basename(weights.url))
+    run_env = dict(env, EXTRA_RUN_ARGS=f"-v {hub}:/opt/torch/hub/checkpoints:ro")
+    out = run([str(ROOT / "local_test" / "train_local.sh"), images["train"], str(base)], run_env, 900,
+              stage="train in the training image")
+    log = out.stdout + out.stderr
+    assert "from ImageNet weights" in log or "imagenet" in log.lower()
+    assert "[metrics] epoch=2" in log and "[metrics] test_loss=" in log
+    assert (base / "model" / "model.json").is_file() and (base / "model" / "model.pt").is_file()
+    assert not (base / "output" / "failure").exists()
+    return base
+
+
+def test_training_image_runs_the_toolkit_and_writes_the_artifact(trained_dir):
+    card = json.loads((trained_dir / "model" / "model.json").read_text())
+    assert card["arch"] == "resnet18" and card["num_classes"] == 3
+    assert json.loads((trained_dir / "output" / "data" / "metrics.json").read_text())["history"]
+
+
+def test_training_image_reports_a_bad_hyperparameter(images, env, trained_dir, tmp_path):
+    base = tmp_path / "bad"
+    shutil.copytree(trained_dir / "input", base / "input")
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps({**TINY, "lr": "fast"}))
+    out = run([str(ROOT / "local_test" / "train_local.sh"), images["train"], str(base)], env, 600, check=False)
+    assert out.returncode != 0
+    failure = (base / "output" / "failure").read_text()
+    assert "lr" in failure.splitlines()[0]
+
+
+def test_serving_image_answers_like_the_model(images, env, trained_dir):
+    port = free_port()
+    name = f"imgcls-ci-serve-{port}"
+    serve_env = dict(env, SAGEMAKER_BIND_TO_PORT=str(port), CONTAINER_NAME=name)
+    start = time.monotonic()
+    proc = subprocess.Popen([str(ROOT / "local_test" / "serve_local.sh"), images["serve"], str(trained_dir)],
+                            env=serve_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        while not any("serve INFO ready" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail("the serving container exited:\n" + "".join(lines[-60:]))
+            lines.append(line)
+            assert time.monotonic() - start < 300, "".join(lines[-60:])
+        stage_times.append(("serving container start-up to ready", time.monotonic() - start))
+        image = sorted((trained_dir / "input" / "data" / "test").rglob("*.jpg"))[0]
+        predict_env = dict(env, ENDPOINT=f"http://127.0.0.1:{port}", TOP_K="2")
+        out = run([str(ROOT / "local_test" / "predict.sh"), str(image)], predict_env, 120, stage="predict.sh")
+        (pred,) = json.loads(out.stdout)["predictions"]
+        expected = Predictor.from_model_dir(trained_dir / "model").predict([image.read_bytes()])[0]
+        assert [t["index"] for t in pred["top_k"]] == list(expected.argsort()[::-1][:2])
+        assert abs(pred["probability"] - float(expected.max())) < 1e-4
+        bad = run([str(ROOT / "local_test" / "predict.sh"), str(ROOT / "README.md"), "image/png"], predict_env, 120,
+                  check=False)
+        assert bad.returncode != 0 and json.loads(bad.stdout)["code"] == 400
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as resp:
+            assert json.loads(resp.read())["status"] == "Healthy"
+    finally:
+        subprocess.run(["podman", "stop", "-t", "10", name], env=env, capture_output=True, timeout=120)
+        proc.wait(timeout=60)
+
+
+def test_entrypoint_runs_other_commands(images, env):
+    out = run(["podman", "run", "--rm", images["serve"], "python", "-c", "import serve, imgcls; print('ok')"], env, 120)
+    assert out.stdout.strip() == "ok"
+    info = run(["podman", "image", "inspect", images["serve"]], env, 60)
+    meta = json.loads(info.stdout)[0]
+    assert meta["Config"]["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert "8080/tcp" in meta["Config"]["ExposedPorts"]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'blobs'}\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_http(f"http://127.0.0.1:{port}/v2/")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def moto():
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_http(f"http://127.0.0.1:{port}/moto-api/")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"{url} did not answer")
+
+
+def aws_cli(env) -> str:
+    found = shutil.which("aws", path=env["PATH"])
+    if found:
+        return found
+    venv = ROOT / ".venv-awscli"
+    if not (venv / "bin" / "aws").exists():
+        run([sys.executable, "-m", "venv", str(venv)], env, 120)
+        run([str(venv / "bin" / "pip"), "install", "-q", "awscli"], env, 600)
+    return str(venv / "bin" / "aws")
+
+
+def test_build_and_push_to_a_registry_with_ecr_on_moto(images, env, build_args, registry, moto, tmp_path):
+    registries_conf = tmp_path / "registries.conf"
+    registries_conf.write_text(f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n')
+    aws_dir = str(Path(aws_cli(env)).parent)
+    push_env = dict(env, AWS_ENDPOINT_URL=moto, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                    AWS_REGION="eu-west-1", REGISTRY=registry, CONTAINERS_REGISTRIES_CONF=str(registries_conf),
+                    PATH=f"{aws_dir}{os.pathsep}{env['PATH']}", REGISTRY_AUTH_FILE=str(tmp_path / "auth.json"))
+    push_env.pop("AWS_PROFILE", None)
+    out = run([str(ROOT / "build_and_push.sh"), "--prefix", PREFIX, "--tag", TAG, "--", *build_args], push_env,
+              3000, stage="build_and_push.sh (cached build + push)")
+    uris = out.stdout.strip().splitlines()[-2:]
+    assert uris == [f"{registry}/{PREFIX}-train:{TAG}", f"{registry}/{PREFIX}-serve:{TAG}"]
+    for image in ("train", "serve"):
+        for tag in (TAG, "latest"):
+            req = urllib.request.Request(f"http://{registry}/v2/{PREFIX}-{image}/manifests/{tag}", method="HEAD",
+                                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json, "
+                                                            "application/vnd.docker.distribution.manifest.v2+json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+    import boto3
+    ecr = boto3.client("ecr", endpoint_url=moto, region_name="eu-west-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    names = {r["repositoryName"] for r in ecr.describe_repositories()["repositories"]}
+    assert {f"{PREFIX}-train", f"{PREFIX}-serve"} <= names
+
+
+def test_build_and_push_says_what_is_missing(env, tmp_path):
+    no_engine = run([str(ROOT / "build_and_push.sh"), "--no-push"], dict(env, DOCKER="no-such-engine"), 60,
+                    check=False)
+    assert no_engine.returncode == 1 and "container engine 'no-such-engine' not found" in no_engine.stderr
+    assert len(no_engine.stderr.strip().splitlines()) == 1
+    bad = run([str(ROOT / "build_and_push.sh"), "--only", "both"], env, 60, check=False)
+    assert bad.returncode == 1 and "--only must be train or serve" in bad.stderr
+    no_creds = dict(env, AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+                    AWS_REGION="eu-west-1", AWS_MAX_ATTEMPTS="1", AWS_CONFIG_FILE=str(tmp_path / "none"))
+    no_creds["PATH"] = f"{Path(aws_cli(env)).parent}{os.pathsep}{env['PATH']}"
+    out = run([str(ROOT / "build_and_push.sh")], no_creds, 120, check=False)
+    assert out.returncode == 1 and "no usable AWS credentials" in out.stderr
