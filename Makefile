@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench images clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -ra
 
 # Seconds, not minutes: skips the tests that start the toolkit, servers or containers.
+# (`make test` includes the container tests: podman builds and runs both images, about 15 minutes.)
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 
@@ -33,6 +34,10 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.train_throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench.serve_latency $(BENCH_ARGS)
+
+# Both images, built only (DOCKER picks the engine; IMAGE_BUILD_ARGS go to every build command).
+images:
+	./build_and_push.sh --no-push $(if $(IMAGE_BUILD_ARGS),-- $(IMAGE_BUILD_ARGS))
 
 clean:
 	rm -rf local_test/test_dir/input/data local_test/test_dir/model local_test/test_dir/output \

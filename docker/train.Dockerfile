@@ -27,11 +27,14 @@ RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} --index-url "$TORCH_INDEX_URL" \
         -c /opt/imgcls/constraints.txt torch torchvision
 # --- end of the shared part ----------------------------------------------------------------------
 
-# Dependencies before code: a code change rebuilds only the last layers.
+# Dependencies before code: a code change rebuilds only the last layers. smdebug needs
+# pyinstrument-cext, published as source only: a compiler is installed for it and removed again.
 COPY pyproject.toml README.md /opt/imgcls/
-RUN cd /opt/imgcls && mkdir -p imgcls train serve && touch imgcls/__init__.py train/__init__.py serve/__init__.py \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
+ && cd /opt/imgcls && mkdir -p imgcls train serve && touch imgcls/__init__.py train/__init__.py serve/__init__.py \
  && pip install ${PIP_CERT:+--cert "$PIP_CERT"} -c constraints.txt 'setuptools<81' '.[train]' \
- && pip uninstall -y sagemaker-image-classifier && rm -rf imgcls train serve build *.egg-info
+ && pip uninstall -y sagemaker-image-classifier && rm -rf imgcls train serve build *.egg-info \
+ && apt-get purge -y --auto-remove gcc libc6-dev python3-dev && rm -rf /var/lib/apt/lists/*
 
 ENV TORCH_HOME=/opt/torch
 ARG PRETRAINED_ARCHS="resnet18 resnet50"

@@ -101,7 +101,7 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     out = run([str(ROOT / "local_test" / "train_local.sh"), images["train"], str(base)], run_env, 900,
               stage="train in the training image")
     log = out.stdout + out.stderr
-    assert "from ImageNet weights" in log or "imagenet" in log.lower()
+    assert "model: resnet18 from torchvision's ImageNet weights" in log  # found at the image's TORCH_HOME
     assert "[metrics] epoch=2" in log and "[metrics] test_loss=" in log
     assert (base / "model" / "model.json").is_file() and (base / "model" / "model.pt").is_file()
     assert not (base / "output" / "failure").exists()
