@@ -251,3 +251,7 @@ def test_build_and_push_says_what_is_missing(env, tmp_path):
     no_creds["PATH"] = f"{Path(aws_cli(env)).parent}{os.pathsep}{env['PATH']}"
     out = run([str(ROOT / "build_and_push.sh")], no_creds, 120, check=False)
     assert out.returncode == 1 and "no usable AWS credentials" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    if shutil.which("aws", path="/usr/bin:/bin") is None:
+        no_cli = run([str(ROOT / "build_and_push.sh")], dict(env, PATH="/usr/bin:/bin"), 60, check=False)
+        assert no_cli.returncode == 1 and "the aws CLI is not installed" in no_cli.stderr
