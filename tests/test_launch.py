@@ -1,0 +1,348 @@
+"""launch.py against moto_server over HTTP: what the driver sends, checked through botocore's
+before-call hook (moto stores some fields loosely), and what lands in S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+import launch
+from serve.process import free_port
+from train.metrics import metric_definitions
+from train.synthetic import make_dataset
+
+pytestmark = pytest.mark.slow
+
+REGION = "eu-west-1"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+TRAIN_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgcls-train:abc1234"
+SERVE_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgcls-serve:abc1234"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+    config = tmp_path_factory.mktemp("sdk") / "config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "IMGCLS_", "SAGEMAKER_ROLE")):
+            del os.environ[key]
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_REGION=REGION, AWS_CONFIG_FILE=str(config.parent / "none"),
+                      AWS_SHARED_CREDENTIALS_FILE=str(config.parent / "none"),
+                      SAGEMAKER_USER_CONFIG_OVERRIDE=str(config), IMGCLS_BUCKET="imgcls-test", IMGCLS_ROLE=ROLE,
+                      IMGCLS_TRAIN_IMAGE=TRAIN_IMAGE, IMGCLS_SERVE_IMAGE=SERVE_IMAGE)
+    boto3.client("s3", region_name=REGION).create_bucket(
+        Bucket="imgcls-test", CreateBucketConfiguration={"LocationConstraint": REGION})
+    yield url
+    os.environ.clear()
+    os.environ.update(saved)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, operation, params):
+        self.calls.append((operation, json.loads(json.dumps(params, default=str))))
+
+    def one(self, operation) -> dict:
+        found = [p for op, p in self.calls if op == operation]
+        assert len(found) == 1, (operation, [op for op, _ in self.calls])
+        return found[0]
+
+    def ops(self) -> list[str]:
+        return [op for op, _ in self.calls]
+
+
+def run(argv, capsys) -> tuple[int, Recorder, str, str]:
+    rec = Recorder()
+    code = launch.main(argv, on_request=rec)
+    out = capsys.readouterr()
+    return code, rec, out.out, out.err
+
+
+def keys(prefix: str) -> list[str]:
+    s3 = boto3.client("s3", region_name=REGION)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="imgcls-test", Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def uploaded(moto, tmp_path_factory):
+    data = tmp_path_factory.mktemp("folders")
+    make_dataset(data, per_class=3, size=24, classes=2, test_per_class=1, seed=0)
+    (data / "valid").mkdir()
+    for cls in ("circle", "square"):
+        (data / "valid" / cls).mkdir()
+        img = next((data / "train" / cls).iterdir())
+        (data / "valid" / cls / img.name).write_bytes(img.read_bytes())
+    assert launch.main(["upload-data", str(data)]) == 0
+    return data
+
+
+def test_upload_data_folders(uploaded):
+    local = sorted(p.relative_to(uploaded).as_posix() for p in uploaded.rglob("*") if p.is_file())
+    assert keys("imgcls/data/") == [f"imgcls/data/{k}" for k in local]
+
+
+def _jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_upload_data_converts_dogimages(moto, tmp_path, capsys):
+    archive = tmp_path / "dogImages.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for split in ("train", "valid", "test"):
+            for breed in ("001.Affenpinscher", "002.Afghan_hound"):
+                zf.writestr(f"dogImages/{split}/{breed}/{breed[4:]}_0000{len(split)}.jpg", _jpeg((9, 9, 9)))
+        zf.writestr("__MACOSX/dogImages/._junk", b"x")
+    code, _, out, err = run(["upload-data", str(archive), "--format", "dogimages", "--s3", "s3://imgcls-test/dogs"],
+                            capsys)
+    assert code == 0, err
+    got = keys("dogs/")
+    assert len(got) == 6 and "dogs/train/001.Affenpinscher/Affenpinscher_00005.jpg" in got
+    assert "uploaded 6 files (train, valid, test)" in out
+
+
+def test_upload_data_converts_cifar100(moto, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"fine_labels": [i % 3 for i in range(n)]}
+
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, obj in (("meta", {b"fine_label_names": [b"apple", b"bee", b"cloud"]}), ("train", batch(6)),
+                          ("test", batch(3))):
+            blob = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    code, _, _, err = run(["upload-data", str(archive), "--format", "cifar100", "--s3", "s3://imgcls-test/cifar"],
+                          capsys)
+    assert code == 0, err
+    got = keys("cifar/")
+    assert len(got) == 9 and "cifar/train/bee/00001.png" in got and "cifar/test/cloud/00002.png" in got
+    body = boto3.client("s3", region_name=REGION).get_object(Bucket="imgcls-test", Key="cifar/train/bee/00001.png")
+    assert Image.open(io.BytesIO(body["Body"].read())).size == (32, 32)
+
+
+def test_train_sends_the_whole_job(uploaded, capsys):
+    code, rec, out, err = run(["train", "--hp", "arch=resnet18", "--hp", "lr=0.05", "--spot", "--max-run", "3600",
+                               "--save-interval", "25", "--job-name", "job-one"], capsys)
+    assert code == 0, err
+    req = rec.one("CreateTrainingJob")
+    assert req["AlgorithmSpecification"]["TrainingImage"] == TRAIN_IMAGE
+    assert req["AlgorithmSpecification"]["MetricDefinitions"] == metric_definitions()
+    assert req["HyperParameters"]["lr"].strip('"') == "0.05" and req["HyperParameters"]["arch"].strip('"') == "resnet18"
+    assert req["RoleArn"] == ROLE
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
+    assert channels == {c: f"s3://imgcls-test/imgcls/data/{c}/" for c in ("train", "valid", "test")}
+    assert req["EnableManagedSpotTraining"] is True
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert req["CheckpointConfig"] == {"S3Uri": "s3://imgcls-test/imgcls/checkpoints/job-one",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    hook = req["DebugHookConfig"]
+    ours = {c["CollectionName"]: c for c in hook["CollectionConfigurations"]
+            if c["CollectionName"] in ("losses", "weights", "gradients", "biases")}
+    assert len(ours) == 4  # the rules add what else they need (relu_input)
+    names = [c["CollectionName"] for c in hook["CollectionConfigurations"]]
+    assert len(names) == len(set(names)), names  # no second "losses" at the rules' own interval
+    assert all(c["CollectionParameters"]["save_interval"] == "25" for c in ours.values())
+    rules = {r["RuleConfigurationName"] for r in req["DebugRuleConfigurations"]}
+    assert {"LossNotDecreasing", "VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization"} <= rules
+    assert {r["RuleConfigurationName"] for r in req["ProfilerRuleConfigurations"]} >= {"ProfilerReport",
+                                                                                         "LowGPUUtilization"}
+    assert req["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
+    assert "training job job-one started" in out
+    desc = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName="job-one")
+    assert desc["AlgorithmSpecification"]["TrainingImage"] == TRAIN_IMAGE
+
+
+def test_train_without_debugger_and_profiler(uploaded, capsys):
+    code, rec, _, err = run(["train", "--no-debugger", "--no-profiler", "--job-name", "job-two"], capsys)
+    assert code == 0, err
+    req = rec.one("CreateTrainingJob")
+    assert "DebugHookConfig" not in req and "DebugRuleConfigurations" not in req
+    assert "ProfilerRuleConfigurations" not in req
+    assert req["ProfilerConfig"].get("DisableProfiler") is True
+    assert "EnableManagedSpotTraining" not in req or req["EnableManagedSpotTraining"] is False
+
+
+def test_tune_sends_ranges_objective_and_metric_definitions(uploaded, capsys):
+    code, rec, out, err = run(["tune", "--hp", "arch=resnet18", "--hp", "lr=0.5", "--optimizers", "sgd,adamw",
+                               "--weight-decay", "1e-5:1e-2", "--max-jobs", "6", "--max-parallel-jobs", "2",
+                               "--objective", "valid-accuracy", "--warm-start", "older-tuning", "--job-name", "tune-1"],
+                              capsys)
+    assert code == 0, err
+    req = rec.one("CreateHyperParameterTuningJob")
+    cfg = req["HyperParameterTuningJobConfig"]
+    assert cfg["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "valid:accuracy"}
+    assert cfg["Strategy"] == "Bayesian" and cfg["TrainingJobEarlyStoppingType"] == "Auto"
+    assert cfg["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 6
+    assert cfg["ResourceLimits"]["MaxParallelTrainingJobs"] == 2
+    ranges = cfg["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"][0] == {"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1",
+                                                      "ScalingType": "Logarithmic"}
+    assert {r["Name"]: r for r in ranges["ContinuousParameterRanges"]}["weight-decay"]["ScalingType"] == "Logarithmic"
+    cats = {r["Name"]: r["Values"] for r in ranges["CategoricalParameterRanges"]}
+    assert cats["batch-size"] == ["32", "64", "128", "256", "512"] and cats["optimizer"] == ["sgd", "adamw"]
+    assert ranges["IntegerParameterRanges"] == [{"Name": "epochs", "MinValue": "2", "MaxValue": "4",
+                                                 "ScalingType": "Auto"}]
+    job = req["TrainingJobDefinition"]
+    assert job["AlgorithmSpecification"]["MetricDefinitions"] == metric_definitions()
+    assert job["AlgorithmSpecification"]["TrainingImage"] == TRAIN_IMAGE
+    assert "lr" not in job["StaticHyperParameters"] and "arch" in job["StaticHyperParameters"]
+    assert req["WarmStartConfig"]["ParentHyperParameterTuningJobs"] == [{"HyperParameterTuningJobName": "older-tuning"}]
+    assert "tuning job tune-1 started" in out
+
+
+def test_tune_hyperband(uploaded, capsys):
+    code, rec, _, err = run(["tune", "--strategy", "Hyperband", "--epochs", "1:8", "--job-name", "tune-2"], capsys)
+    assert code == 0, err
+    req = rec.one("CreateHyperParameterTuningJob")
+    cfg = req["HyperParameterTuningJobConfig"]
+    assert cfg["Strategy"] == "Hyperband" and cfg["TrainingJobEarlyStoppingType"] == "Off"
+    assert cfg["StrategyConfig"]["HyperbandStrategyConfig"] == {"MinResource": 1, "MaxResource": 8}
+    assert "IntegerParameterRanges" not in cfg["ParameterRanges"] or not cfg["ParameterRanges"]["IntegerParameterRanges"]
+    assert req["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"].strip('"') == "8"
+
+
+def test_deploy_transform_and_cleanup(moto, capsys):
+    data = "s3://imgcls-test/imgcls/output/job-one/output/model.tar.gz"
+    code, rec, out, err = run(["deploy", "--model-data", data, "--endpoint-name", "ep-1", "--instance-type",
+                               "ml.c5.xlarge", "--startup-timeout", "300", "--model-name", "m-1"], capsys)
+    assert code == 0, err
+    model = rec.one("CreateModel")
+    assert model["PrimaryContainer"]["Image"] == SERVE_IMAGE and model["PrimaryContainer"]["ModelDataUrl"] == data
+    variant = rec.one("CreateEndpointConfig")["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.c5.xlarge" and variant["InitialInstanceCount"] == 1
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 300
+    assert rec.one("CreateEndpoint")["EndpointName"] == "ep-1"
+
+    code, rec, _, err = run(["deploy", "--model-data", data, "--endpoint-name", "ep-2", "--serverless",
+                             "--memory-mb", "3072", "--max-concurrency", "4", "--model-name", "m-2"], capsys)
+    assert code == 0, err
+    assert rec.one("CreateEndpointConfig")["ProductionVariants"][0]["ServerlessConfig"] == {
+        "MemorySizeInMB": 3072, "MaxConcurrency": 4}
+
+    code, rec, out, err = run(["transform", "--model-data", data, "--input", "s3://imgcls-test/imgcls/data/test/",
+                               "--max-payload-mb", "20", "--job-name", "bt-1", "--model-name", "m-3"], capsys)
+    assert code == 0, err
+    job = rec.one("CreateTransformJob")
+    assert job["TransformInput"]["ContentType"] == "application/x-image"
+    assert job["TransformInput"].get("SplitType", "None") == "None"
+    assert job["BatchStrategy"] == "SingleRecord" and job["MaxPayloadInMB"] == 20
+    assert job["TransformOutput"]["AssembleWith"] == "Line" and job["TransformOutput"]["Accept"] == "application/json"
+    assert job["Environment"]["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == "20"
+
+    code, rec, out, err = run(["cleanup", "ep-1"], capsys)
+    assert code == 0, err
+    assert rec.ops()[-3:] == ["DeleteEndpoint", "DeleteEndpointConfig", "DeleteModel"]
+    assert rec.one("DeleteModel")["ModelName"] == "m-1"
+    names = [e["EndpointName"] for e in boto3.client("sagemaker", region_name=REGION).list_endpoints()["Endpoints"]]
+    assert "ep-1" not in names and "ep-2" in names
+
+
+def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys):
+    code, rec, out, err = run(["train", "--dry-run", "--job-name", "never-sent"], capsys)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["operation"] == "CreateTrainingJob"
+    assert printed["request"]["TrainingJobName"] == "never-sent"
+    sm = boto3.client("sagemaker", region_name=REGION)
+    assert "never-sent" not in [j["TrainingJobName"] for j in sm.list_training_jobs()["TrainingJobSummaries"]]
+
+
+@pytest.mark.parametrize("argv,env,words", [
+    (["train"], {"IMGCLS_ROLE": ""}, "no role"),
+    (["train"], {"IMGCLS_ROLE": "SageMakerRole"}, "not an IAM role ARN"),
+    (["train"], {"IMGCLS_BUCKET": "no-such-bucket-here"}, "bucket 'no-such-bucket-here' does not exist"),
+    (["train"], {"IMGCLS_TRAIN_IMAGE": "imgcls-train:latest"}, "not an ECR image URI"),
+    (["tune", "--lr", "0.1:0.001"], {}, "empty range"),
+    (["tune", "--batch-sizes", ","], {}, "--batch-sizes is empty"),
+    (["train", "--hp", "lr=fast"], {}, "lr"),
+    (["train", "--hp", "learning-rate=0.1"], {}, "learning-rate"),
+    (["deploy", "--model-data", "model.tar.gz"], {}, "must be the s3://"),
+    (["train", "--data", "s3://imgcls-test/nothing-here"], {}, "no train channel"),
+    (["train"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no AWS credentials"),
+])
+def test_errors_are_one_line(uploaded, capsys, monkeypatch, argv, env, words):
+    for key, value in env.items():
+        if value:
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
+    code, rec, out, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1
+    assert "CreateTrainingJob" not in rec.ops() and "CreateHyperParameterTuningJob" not in rec.ops()
+
+
+def test_predict_against_a_local_server(tmp_path, capsys):
+    from imgcls import artifact
+    from imgcls.models import create_model
+    from imgcls.presets import ClassificationPresetEval
+    from serve.process import ServeProcess
+
+    card = artifact.ModelCard("resnet18", ["cat", "dog"], ClassificationPresetEval(32).to_dict())
+    artifact.save(tmp_path / "ml" / "model", create_model("resnet18", 2), card)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(_jpeg((200, 10, 10)))
+    (images / "b.png").write_bytes(b"not a png")
+    server = ServeProcess(tmp_path / "ml", tmp_path / "mms").wait_ready()
+    try:
+        code = launch.main(["predict", str(images), "--url", server.url, "--top-k", "2"])
+        out = capsys.readouterr().out.splitlines()
+    finally:
+        server.stop()
+    assert code == 1  # one of the two files is broken
+    assert out[0].startswith(f"{images / 'a.jpg'}: ") and out[0].count(" 0.") == 2
+    assert out[1].startswith(f"{images / 'b.png'}: error 400") and "not an image" in out[1]
+
+
+def test_tune_local_runs_trials_and_reports_the_best(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, per_class=6, size=32, classes=2, test_per_class=2, seed=4)
+    code = launch.main(["tune", "--local", "--local-data", str(data), "--max-jobs", "3", "--epochs", "1:2",
+                        "--batch-sizes", "4,8", "--hp", "arch=resnet18", "--hp", "weights=none", "--hp", "image-size=32",
+                        "--hp", "num-workers=0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    trials = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert len(trials) == 3 and all("valid:loss=" in t for t in trials)
+    best = [line for line in out.splitlines() if line.startswith("best trial")]
+    values = [float(t.split("valid:loss=")[1].split()[0]) for t in trials]
+    assert best and f"valid:loss={min(values):.5g}" in best[0]
