@@ -162,6 +162,45 @@ def s3_uri(aws: Aws, settings: dict, *parts: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# SageMaker local mode: the same images on this machine, through Docker (or podman's Docker API
+# with DOCKER_HOST) and docker compose; channels and artifacts are local files.
+
+def local_session(settings: dict):
+    import boto3
+    from sagemaker.local import LocalSession
+
+    session = LocalSession(boto_session=boto3.Session(region_name=settings.get("region") or "us-east-1"))
+    session.config = {"local": {"local_code": True}}
+    return session
+
+
+def local_instance_type() -> str:
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        return "local_gpu"
+    return "local"
+
+
+def local_image(settings: dict, key: str) -> str:
+    image = settings.get(key)
+    if not image or not re.match(r"^[\w.-]+(:\d+)?(/[\w.-]+)+(:[\w][\w.-]*|@sha256:[0-9a-f]{64})?$|^[\w.-]+:[\w.-]+$", image):
+        raise LaunchError(f"--local needs --{key.replace('_', '-')} naming a built image (e.g. imgcls-train:latest), "
+                          f"got {image!r}.")
+    return image
+
+
+def file_uri(path: str) -> str:
+    return path if path.startswith(("file://", "s3://")) else "file://" + str(Path(path).resolve())
+
+
+def engine_error(exc: BaseException) -> LaunchError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LaunchError(f"local mode could not run the container ({first[:300]}): it needs Docker, or podman's "
+                       "Docker API (podman system service, DOCKER_HOST=unix://...), and docker compose.")
+
+
+# ---------------------------------------------------------------------------------------------
 # upload-data
 
 def convert_dogimages(archive: Path, out: Path) -> Path:
@@ -345,11 +384,39 @@ def make_estimator(args, settings, aws: Aws, hyperparameters: dict):
 
 def cmd_train(args, settings, on_request=None) -> int:
     hps = parse_hyperparameters(args.hp)
+    if args.local:
+        return train_local_mode(args, settings, hps)
     aws = connect(settings, on_request, dry_run=args.dry_run)
     inputs = channels(aws, settings, args)
     estimator, name = make_estimator(args, settings, aws, hps)
     estimator.fit(inputs, job_name=name, wait=args.wait, logs="All" if args.wait else "None")
     print(f"training job {name} started: {', '.join(f'{k}={v}' for k, v in inputs.items())}")
+    return 0
+
+
+def train_local_mode(args, settings, hps) -> int:
+    from sagemaker.estimator import Estimator
+
+    image = local_image(settings, "train_image")
+    explicit = {c: file_uri(getattr(args, c)) for c in CHANNELS if getattr(args, c, None)}
+    if not explicit and args.local_data:
+        data = Path(args.local_data).resolve()
+        explicit = {c: file_uri(str(data / c)) for c in ("train", "valid", "test") if (data / c).is_dir()}
+    if "train" not in explicit:
+        raise LaunchError("train --local needs --local-data DIR (with train/) or --train PATH.")
+    output = Path(args.output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    estimator = Estimator(
+        image_uri=image, role=settings.get("role") or "arn:aws:iam::000000000000:role/local",
+        instance_count=args.instance_count, instance_type=local_instance_type(), output_path=file_uri(str(output)),
+        hyperparameters=hps, metric_definitions=metric_definitions(), sagemaker_session=local_session(settings),
+        # Debugger rules and the profiler run as SageMaker-side jobs: there are none in local mode.
+        debugger_hook_config=False, disable_profiler=True, base_job_name=settings["prefix"])
+    try:
+        estimator.fit(explicit, job_name=args.job_name)
+    except Exception as exc:  # the SDK raises bare errors for engine and compose failures
+        raise engine_error(exc) from None
+    print(f"model: {estimator.model_data}")
     return 0
 
 
@@ -437,8 +504,12 @@ def cmd_tune(args, settings, on_request=None) -> int:
 
 def cmd_best(args, settings, on_request=None) -> int:
     aws = connect(settings, on_request, check_bucket=False)
+    import botocore.exceptions
     sm = aws.boto.client("sagemaker")
-    desc = sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=args.tuning_job)
+    try:
+        desc = sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=args.tuning_job)
+    except botocore.exceptions.ClientError as exc:
+        raise LaunchError(f"tuning job {args.tuning_job!r}: {exc.response['Error'].get('Message', exc)}") from None
     best = desc.get("BestTrainingJob")
     objective = desc["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]
     if not best:
@@ -448,13 +519,17 @@ def cmd_best(args, settings, on_request=None) -> int:
     print(f"best job {best['TrainingJobName']}: {objective['MetricName']} = {metric.get('Value')}")
     print("hyperparameters: " + " ".join(f"{k}={v}" for k, v in sorted(best.get("TunedHyperParameters", {}).items())))
     jobs, token = [], None
-    while True:
-        page = sm.list_training_jobs_for_hyper_parameter_tuning_job(
-            HyperParameterTuningJobName=args.tuning_job, **({"NextToken": token} if token else {}))
-        jobs += page["TrainingJobSummaries"]
-        token = page.get("NextToken")
-        if not token:
-            break
+    try:
+        while True:
+            page = sm.list_training_jobs_for_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=args.tuning_job, **({"NextToken": token} if token else {}))
+            jobs += page["TrainingJobSummaries"]
+            token = page.get("NextToken")
+            if not token:
+                break
+    except botocore.exceptions.ClientError as exc:
+        print(f"(no table of all jobs: {str(exc).splitlines()[0][:200]})")
+        return 0
     reverse = objective["Type"] == "Maximize"
     jobs.sort(key=lambda j: j.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get(
         "Value", float("-inf") if reverse else float("inf")), reverse=reverse)
@@ -547,7 +622,36 @@ def make_model(args, settings, aws: Aws):
                  name=args.model_name)
 
 
+def deploy_local_mode(args, settings) -> int:
+    import signal
+
+    from sagemaker.model import Model
+
+    image = local_image(settings, "serve_image")
+    session = local_session(settings)
+    name = args.endpoint_name or f"{settings['prefix']}-local"
+    model = Model(image_uri=image, model_data=file_uri(args.model_data), env={"IMGCLS_TOP_K": str(args.top_k)},
+                  role=settings.get("role") or "arn:aws:iam::000000000000:role/local", sagemaker_session=session)
+    try:
+        model.deploy(initial_instance_count=1, instance_type=local_instance_type(), endpoint_name=name)
+    except Exception as exc:
+        raise engine_error(exc) from None
+    print(f"endpoint {name} serving on http://localhost:8080/invocations (local mode); Ctrl-C stops it", flush=True)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    finally:
+        session.delete_endpoint(name)
+        print(f"endpoint {name} stopped", flush=True)
+    return 0
+
+
 def cmd_deploy(args, settings, on_request=None) -> int:
+    if args.local:
+        return deploy_local_mode(args, settings)
     aws = connect(settings, on_request, dry_run=args.dry_run)
     model = make_model(args, settings, aws)
     name = args.endpoint_name or f"{settings['prefix']}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -712,6 +816,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="start a training job")
     _training_flags(p)
+    g = p.add_argument_group("train --local: SageMaker local mode, the training image on this machine")
+    g.add_argument("--local", action="store_true")
+    g.add_argument("--local-data", help="class folders on disk (train/, valid/, test/)")
+    g.add_argument("--output-dir", default="local-output", help="where model.tar.gz lands (default ./local-output)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", parents=[common], help="start a hyperparameter tuning job (or tune --local)")
@@ -753,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-count", type=int, default=1)
     p.add_argument("--startup-timeout", type=int, default=600, help="seconds for the container to become healthy")
     p.add_argument("--serverless", action="store_true")
+    p.add_argument("--local", action="store_true", help="SageMaker local mode: serve on localhost:8080 until Ctrl-C")
     p.add_argument("--memory-mb", type=int, default=4096, help="serverless memory")
     p.add_argument("--max-concurrency", type=int, default=5, help="serverless concurrency")
     p.set_defaults(func=cmd_deploy)

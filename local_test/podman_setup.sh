@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this machine able to build and run the images without Docker: podman with runc, a local
-# registry, and a Debian base image made with debootstrap (no registry can be pulled from here).
+# registry, docker-compose for SageMaker local mode, and a Debian base image made with
+# debootstrap (no registry can be pulled from here).
 #
 #   local_test/podman_setup.sh        prints the base image name on its last line
 #
@@ -11,7 +12,9 @@ base_image=${BASE_IMAGE_NAME:-localhost/debian-base:bookworm}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/podman/containers.conf}
 
 missing=()
-for tool in podman:podman runc:runc debootstrap:debootstrap docker-registry:docker-registry; do
+# docker-compose and a docker CLI serve SageMaker local mode, against podman's Docker API.
+for tool in podman:podman runc:runc debootstrap:debootstrap docker-registry:docker-registry \
+            docker-compose:docker-compose docker:podman-docker; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

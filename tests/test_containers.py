@@ -70,7 +70,7 @@ def images(env, build_args) -> dict[str, str]:
     names = out.stdout.strip().splitlines()[-2:]
     assert names == [f"{PREFIX}-train:{TAG}", f"{PREFIX}-serve:{TAG}"]
     sizes = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], env, 60).stdout
-    stage_times.append(("image sizes: " + "; ".join(s for s in sizes.splitlines() if PREFIX in s and TAG in s), 0.0))
+    stage_times.append(("image sizes: " + "; ".join(s for s in sizes.splitlines() if s.startswith(f"localhost/{PREFIX}-") and f":{TAG} " in s), 0.0))
     refs = {"train": f"localhost/{PREFIX}-train:{TAG}", "serve": f"localhost/{PREFIX}-serve:{TAG}"}
     # The Dockerfiles share their first layers (base, Python, torch): built and pushed once.
     layers = {k: json.loads(run(["podman", "image", "inspect", v], env, 60).stdout)[0]["RootFS"]["Layers"]
@@ -255,3 +255,56 @@ def test_build_and_push_says_what_is_missing(env, tmp_path):
     if shutil.which("aws", path="/usr/bin:/bin") is None:
         no_cli = run([str(ROOT / "build_and_push.sh")], dict(env, PATH="/usr/bin:/bin"), 60, check=False)
         assert no_cli.returncode == 1 and "the aws CLI is not installed" in no_cli.stderr
+
+
+@pytest.fixture
+def docker_api(env, tmp_path):
+    """podman's Docker-compatible API on a socket: what SageMaker local mode (docker compose) talks to."""
+    sock = tmp_path / "podman.sock"
+    proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert time.monotonic() < deadline, "podman system service did not start"
+        time.sleep(0.2)
+    config = tmp_path / "sdk.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    yield dict(env, DOCKER_HOST=f"unix://{sock}", AWS_REGION="eu-west-1", AWS_ACCESS_KEY_ID="local",
+               AWS_SECRET_ACCESS_KEY="local", SAGEMAKER_USER_CONFIG_OVERRIDE=str(config),
+               SAGEMAKER_SUPPRESS_V2_WARNING="1")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_sagemaker_local_mode_trains_and_serves(images, trained_dir, docker_api, tmp_path):
+    """launch.py train/deploy --local: the SDK's local mode (docker compose) on podman's Docker API."""
+    launch_py = [sys.executable, str(ROOT / "launch.py")]
+    hps = [a for k, v in {**TINY, "epochs": "1"}.items() for a in ("--hp", f"{k}={v}")]
+    run([*launch_py, "train", "--local", "--local-data", str(trained_dir / "input" / "data"), "--train-image",
+         images["train"], "--output-dir", str(tmp_path / "out"), *hps], docker_api, 900,
+        stage="launch.py train --local (SDK local mode)")
+    archive = tmp_path / "out" / "model.tar.gz"
+    import tarfile
+    with tarfile.open(archive) as tar:
+        assert {"model.json", "model.pt"} <= set(tar.getnames())
+    start = time.monotonic()
+    proc = subprocess.Popen([*launch_py, "deploy", "--local", "--model-data", str(archive), "--serve-image",
+                             images["serve"], "--endpoint-name", "ci-local"], env=docker_api, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        while not any("serving on http://localhost:8080" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail("deploy --local exited:\n" + "".join(lines[-60:]))
+            lines.append(line)
+            assert time.monotonic() - start < 300, "".join(lines[-60:])
+        stage_times.append(("launch.py deploy --local to serving", time.monotonic() - start))
+        image = sorted((trained_dir / "input" / "data" / "test").rglob("*.jpg"))[0]
+        out = run([*launch_py, "predict", str(image), "--url", "http://localhost:8080", "--top-k", "2"], docker_api,
+                  120)
+        assert out.stdout.startswith(f"{image}: ") and out.stdout.count(" 0.") + out.stdout.count(" 1.0") == 2
+    finally:
+        proc.send_signal(2)  # Ctrl-C: the endpoint is deleted and its container stopped
+        rest, _ = proc.communicate(timeout=120)
+    assert "endpoint ci-local stopped" in rest

@@ -239,6 +239,17 @@ def test_tune_hyperband(uploaded, capsys):
     assert req["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"].strip('"') == "8"
 
 
+def test_best_reads_the_tuning_job(uploaded, capsys):
+    assert run(["tune", "--job-name", "tune-best", "--max-jobs", "2"], capsys)[0] == 0
+    code, rec, out, err = run(["best", "tune-best"], capsys)
+    # moto answers with a placeholder best job and does not implement the per-job listing.
+    assert code == 0, err
+    assert out.startswith("best job FakeTrainingJobName: valid:loss = 1.0")
+    assert rec.ops() == ["DescribeHyperParameterTuningJob", "ListTrainingJobsForHyperParameterTuningJob"]
+    code, _, out, err = run(["best", "no-such-tuning"], capsys)
+    assert code == 2 and err.startswith("error: tuning job 'no-such-tuning'") and len(err.splitlines()) == 1
+
+
 def test_deploy_transform_and_cleanup(moto, capsys):
     data = "s3://imgcls-test/imgcls/output/job-one/output/model.tar.gz"
     code, rec, out, err = run(["deploy", "--model-data", data, "--endpoint-name", "ep-1", "--instance-type",
