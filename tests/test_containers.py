@@ -40,6 +40,18 @@ def run(cmd, env, timeout, stage=None, check=True, **kw) -> subprocess.Completed
     return result
 
 
+def wait_for_line(proc: subprocess.Popen, text: str, stage: str, timeout: float = 300) -> None:
+    """Read the process's output until a line holds `text`; record how long that took."""
+    start, lines = time.monotonic(), []
+    while not any(text in line for line in lines):
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            pytest.fail(f"{stage}: the process exited:\n" + "".join(lines[-60:]))
+        lines.append(line)
+        assert time.monotonic() - start < timeout, "".join(lines[-60:])
+    stage_times.append((stage, time.monotonic() - start))
+
+
 @pytest.fixture(scope="module")
 def env():
     e = dict(os.environ, DOCKER="podman", CONTAINERS_CONF=str(ROOT / "local_test" / "podman" / "containers.conf"),
@@ -128,18 +140,10 @@ def test_serving_image_answers_like_the_model(images, env, trained_dir):
     port = free_port()
     name = f"imgcls-ci-serve-{port}"
     serve_env = dict(env, SAGEMAKER_BIND_TO_PORT=str(port), CONTAINER_NAME=name)
-    start = time.monotonic()
     proc = subprocess.Popen([str(ROOT / "local_test" / "serve_local.sh"), images["serve"], str(trained_dir)],
                             env=serve_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
     try:
-        while not any("serve INFO ready" in line for line in lines):
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                pytest.fail("the serving container exited:\n" + "".join(lines[-60:]))
-            lines.append(line)
-            assert time.monotonic() - start < 300, "".join(lines[-60:])
-        stage_times.append(("serving container start-up to ready", time.monotonic() - start))
+        wait_for_line(proc, "serve INFO ready", "serving container start-up to ready")
         image = sorted((trained_dir / "input" / "data" / "test").rglob("*.jpg"))[0]
         predict_env = dict(env, ENDPOINT=f"http://127.0.0.1:{port}", TOP_K="2")
         out = run([str(ROOT / "local_test" / "predict.sh"), str(image)], predict_env, 120, stage="predict.sh")
@@ -287,19 +291,11 @@ def test_sagemaker_local_mode_trains_and_serves(images, trained_dir, docker_api,
     import tarfile
     with tarfile.open(archive) as tar:
         assert {"model.json", "model.pt"} <= set(tar.getnames())
-    start = time.monotonic()
     proc = subprocess.Popen([*launch_py, "deploy", "--local", "--model-data", str(archive), "--serve-image",
                              images["serve"], "--endpoint-name", "ci-local"], env=docker_api, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
     try:
-        while not any("serving on http://localhost:8080" in line for line in lines):
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                pytest.fail("deploy --local exited:\n" + "".join(lines[-60:]))
-            lines.append(line)
-            assert time.monotonic() - start < 300, "".join(lines[-60:])
-        stage_times.append(("launch.py deploy --local to serving", time.monotonic() - start))
+        wait_for_line(proc, "serving on http://localhost:8080", "launch.py deploy --local to serving")
         image = sorted((trained_dir / "input" / "data" / "test").rglob("*.jpg"))[0]
         out = run([*launch_py, "predict", str(image), "--url", "http://localhost:8080", "--top-k", "2"], docker_api,
                   120)
