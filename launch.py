@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+# The SDK announces each config file it does not find, on stdout; output here is for the user.
+logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
 
 from train.metrics import metric_definitions  # noqa: E402 - one definition, shared with the trainer
 
@@ -583,8 +586,10 @@ def tune_local(args, settings) -> int:
         (config / "inputdataconfig.json").write_text(json.dumps(
             {s: spec for s in ("train", "valid", "test") if (data / s).is_dir()}))
         mode = args.image or "--native"
+        # The channels are symlinks to the data; in a container the data is mounted at the same path.
+        env = dict(os.environ, EXTRA_RUN_ARGS=f"{os.environ.get('EXTRA_RUN_ARGS', '')} -v {data}:{data}:ro".strip())
         out = subprocess.run([str(root / "local_test" / "train_local.sh"), mode, str(base)], capture_output=True,
-                             text=True)
+                             text=True, env=env)
         values = [v for v in parse_log(out.stdout + out.stderr, definitions).get(metric, []) if math.isfinite(v)]
         shown = " ".join(f"{k}={v}" for k, v in hps.items() if k in ("lr", "batch-size", "epochs"))
         if out.returncode != 0 or not values:
@@ -717,7 +722,12 @@ def cmd_predict(args, settings, on_request=None) -> int:
                 return 400, json.dumps({"message": str(exc)}).encode()
     failures = 0
     for path in files:
-        status, body = invoke(path.read_bytes(), CONTENT_TYPES.get(path.suffix.lower(), "application/x-image"))
+        if args.json:
+            import base64
+            payload = json.dumps({"image": base64.b64encode(path.read_bytes()).decode()}).encode()
+            status, body = invoke(payload, "application/json")
+        else:
+            status, body = invoke(path.read_bytes(), CONTENT_TYPES.get(path.suffix.lower(), "application/x-image"))
         if status != 200:
             failures += 1
             try:
@@ -726,7 +736,12 @@ def cmd_predict(args, settings, on_request=None) -> int:
                 message = body[:200]
             print(f"{path}: error {status}: {message}")
             continue
-        top = json.loads(body)["predictions"][0]["top_k"]
+        try:
+            top = json.loads(body)["predictions"][0]["top_k"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            failures += 1
+            print(f"{path}: unexpected answer (is the endpoint running the imgcls serving image?): {body[:200]!r}")
+            continue
         print(f"{path}: " + "  ".join(f"{t['label']} {t['probability']:.3f}" for t in top))
     return 1 if failures else 0
 
@@ -871,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--url", help="a running server instead of an endpoint, e.g. http://127.0.0.1:8080")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help='send {"image": base64} as application/json instead of raw bytes')
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("transform", parents=[common], help="batch transform over an S3 prefix of images")

@@ -304,3 +304,14 @@ def test_sagemaker_local_mode_trains_and_serves(images, trained_dir, docker_api,
         proc.send_signal(2)  # Ctrl-C: the endpoint is deleted and its container stopped
         rest, _ = proc.communicate(timeout=120)
     assert "endpoint ci-local stopped" in rest
+
+
+def test_tune_local_in_the_training_image(images, env, trained_dir):
+    """tune --local --image: each Optuna trial is a run of the training image, its objective read from the log."""
+    out = run([sys.executable, str(ROOT / "launch.py"), "tune", "--local", "--image", images["train"], "--local-data",
+               str(trained_dir / "input" / "data"), "--max-jobs", "2", "--epochs", "1:1", "--batch-sizes", "8",
+               "--hp", "arch=resnet18", "--hp", "weights=none", "--hp", "image-size=32", "--hp", "num-workers=0"],
+              env, 900, stage="launch.py tune --local --image (2 trials)")
+    trials = [line for line in out.stdout.splitlines() if line.startswith("trial ")]
+    assert len(trials) == 2 and all("valid:loss=" in t for t in trials), out.stdout + out.stderr
+    assert any(line.startswith("best trial") for line in out.stdout.splitlines())
