@@ -21,7 +21,7 @@ log = logging.getLogger("train")
 
 FILENAME = "checkpoint.pt"
 # Hyperparameters that may change between a run and its resumption without changing its meaning.
-RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size"}
+RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps"}
 
 
 class CheckpointError(ClassifierError):

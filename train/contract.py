@@ -32,6 +32,7 @@ class Job:
     output_data_dir: Path
     checkpoint_dir: Path
     debugger_config: Path | None
+    profiler_config: Path | None
     hosts: list[str] = field(default_factory=lambda: ["algo-1"])
     current_host: str = "algo-1"
     num_gpus: int = 0
@@ -83,6 +84,7 @@ def read_job(environ=os.environ) -> Job:
             channels[canonical] = path
 
     debugger = config_dir / "debughookconfig.json"
+    profiler = config_dir / "profilerconfig.json"
     resource = _json_env(environ, "SM_RESOURCE_CONFIG", {}) or {}
     hosts = _json_env(environ, "SM_HOSTS", None) or resource.get("hosts") or ["algo-1"]
     return Job(
@@ -93,6 +95,7 @@ def read_job(environ=os.environ) -> Job:
         output_data_dir=Path(environ.get("SM_OUTPUT_DATA_DIR", base / "output" / "data")),
         checkpoint_dir=Path(environ.get("SM_CHECKPOINT_DIR", base / "checkpoints")),
         debugger_config=debugger if debugger.is_file() else None,
+        profiler_config=profiler if profiler.is_file() else None,
         hosts=list(hosts),
         current_host=environ.get("SM_CURRENT_HOST", resource.get("current_host", hosts[0])),
         num_gpus=int(environ.get("SM_NUM_GPUS", 0) or 0),

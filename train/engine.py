@@ -83,7 +83,8 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[t
 
 def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optimizer, scheduler,
                     precision: Precision, scaler, top_k: int, set_mode,
-                    progress: Progress | None = None, reduce=None) -> EpochResult:
+                    progress: Progress | None = None, reduce=None, on_step=None) -> EpochResult:
+    """on_step(step, data_wait_s, compute_s, images) after each step (the profiler's step log)."""
     set_mode()
     device = batcher.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -93,7 +94,8 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
     start = time.perf_counter()
     ready = start
     for step, (images, labels) in enumerate(loader):
-        wait += time.perf_counter() - ready
+        got = time.perf_counter()
+        wait += got - ready
         x, y = batcher(images, labels)
         with autocast(device, precision):
             logits = model(x)
@@ -115,7 +117,10 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
         samples += n
         if progress is not None:
             progress.update(n, loss=loss, step=step)
+        waited = got - ready
         ready = time.perf_counter()
+        if on_step is not None:
+            on_step(step, waited, ready - got, n)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from imgcls.errors import ClassifierError
 from imgcls.presets import AUGMENT_LEVELS
 
+from .profiling import parse_steps
+
 FREEZE_POLICIES = ("none", "backbone", "stem", "layer1", "layer2", "layer3", "layer4")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 WEIGHTS = ("auto", "imagenet", "pretrained", "none")
@@ -49,6 +51,8 @@ class Config:
     num_workers: int = -1            # -1 or "auto": from the CPU count
     precision: str = "auto"
     channels_last: bool = True
+    profile_interval_ms: int = 500   # system monitor interval; 0 turns it off
+    profile_steps: str = ""          # "START:COUNT": a torch.profiler trace of those training steps
 
     def as_hyperparameters(self) -> dict:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}
@@ -117,6 +121,14 @@ def _workers(raw: str) -> int:
     return -1 if raw.strip().lower() in ("auto", "-1") else _number(int, 0)(raw)
 
 
+def _steps(raw: str) -> str:
+    try:
+        start, count = parse_steps(raw)
+    except ValueError:
+        raise ValueError("START:COUNT with START >= 1 and COUNT >= 1 (e.g. 5:3), or none") from None
+    return f"{start}:{count}" if count else ""
+
+
 PARSERS = {
     "arch": _arch, "weights": _choice(WEIGHTS), "freeze": _freeze, "optimizer": _choice(OPTIMIZERS),
     "lr": _number(float, 0, 10, low_open=True), "momentum": _number(float, 0, 1, high_open=True),
@@ -127,6 +139,7 @@ PARSERS = {
     "augment": _choice(AUGMENT_LEVELS), "patience": _number(int, 0), "seed": _number(int, 0, 2**31 - 1),
     "top_k": _number(int, 1), "valid_fraction": _number(float, 0, 1, low_open=True, high_open=True),
     "num_workers": _workers, "precision": _choice(PRECISIONS), "channels_last": _bool,
+    "profile_interval_ms": _number(int, 0, 3_600_000), "profile_steps": _steps,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}
 

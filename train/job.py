@@ -21,7 +21,18 @@ from imgcls.errors import ClassifierError
 from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
 
-from . import checkpoint, contract, data, distributed, finetune, hyperparams, metrics, outputs, weights
+from . import (
+    checkpoint,
+    contract,
+    data,
+    distributed,
+    finetune,
+    hyperparams,
+    metrics,
+    outputs,
+    profiling,
+    weights,
+)
 from .debugger import Debugger
 from .engine import Batcher, choose_precision, evaluate, train_one_epoch
 from .progress import Progress
@@ -137,6 +148,39 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main)
+    profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
+                                                         job.profiler_config)
+    profiler = profiling.Profiler(job.output_data_dir / "profile" if rank.is_main else None, profile_settings, device)
+    try:
+        history, best = _epochs(cfg, model, frozen, train_loader, eval_loaders, batcher, criterion, optimizer,
+                                scheduler, precision, scaler, top_k, classes, rank, job, hps, debugger, profiler,
+                                history, best, bad_epochs, start_epoch)
+    finally:
+        profiler.close()
+    debugger.close()
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    else:  # a diverged run still leaves its artifact and outputs, for the debugger rules to explain
+        log.warning("valid loss was never finite (the run diverged): keeping the last epoch's weights; "
+                    "lower lr or raise warmup-epochs")
+        best["epoch"] = history[-1]["epoch"]
+    final = {k: v for k, v in history[-1].items()} if history else {}
+    final.update({f"best_{k}": v for k, v in next(h for h in history if h["epoch"] == best["epoch"]).items()})
+    report_channel = "test" if splits.test is not None else "valid"
+    result = evaluate(model, eval_loaders[report_channel], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+    if splits.test is not None:
+        test = {"test_loss": result.loss, "test_acc": result.accuracy, "test_topk_acc": result.top_k_accuracy}
+        log.info(metrics.test_line(test))
+        final.update(test)
+    if rank.is_main:
+        write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"])
+    return final
+
+
+def _epochs(cfg, model, frozen, train_loader, eval_loaders, batcher, criterion, optimizer, scheduler, precision,
+            scaler, top_k, classes, rank, job, hps, debugger, profiler, history, best, bad_epochs, start_epoch):
+    """The epoch loop: train, validate, log the metric line, keep the best weights, checkpoint."""
     set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -144,7 +188,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
         debugger.train_mode()
         tr = train_one_epoch(model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
-                             top_k, set_mode, progress, reduce=rank.reduce)
+                             top_k, set_mode, progress, reduce=rank.reduce,
+                             on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
         progress.close()
         debugger.eval_mode()
         va = evaluate(model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
@@ -172,25 +217,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
             log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
                      cfg.patience, best["loss"], best["epoch"])
             break
-    debugger.close()
-
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    else:  # a diverged run still leaves its artifact and outputs, for the debugger rules to explain
-        log.warning("valid loss was never finite (the run diverged): keeping the last epoch's weights; "
-                    "lower lr or raise warmup-epochs")
-        best["epoch"] = history[-1]["epoch"]
-    final = {k: v for k, v in history[-1].items()} if history else {}
-    final.update({f"best_{k}": v for k, v in next(h for h in history if h["epoch"] == best["epoch"]).items()})
-    report_channel = "test" if splits.test is not None else "valid"
-    result = evaluate(model, eval_loaders[report_channel], batcher, precision, top_k, len(classes), reduce=rank.reduce)
-    if splits.test is not None:
-        test = {"test_loss": result.loss, "test_acc": result.accuracy, "test_topk_acc": result.top_k_accuracy}
-        log.info(metrics.test_line(test))
-        final.update(test)
-    if rank.is_main:
-        write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"])
-    return final
+    return history, best
 
 
 def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch) -> None:
