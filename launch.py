@@ -423,13 +423,13 @@ def train_local_mode(args, settings, hps) -> int:
     return 0
 
 
-def _range(text: str, flag: str) -> tuple[float, float]:
+def _range(text: str, flag: str, allow_point: bool = False) -> tuple[float, float]:
     lo, sep, hi = (text or "").partition(":")
     try:
         low, high = float(lo), float(hi)
     except ValueError:
         raise LaunchError(f"{flag} {text!r} is not LOW:HIGH.") from None
-    if not sep or not low < high:
+    if not sep or not (low < high or (allow_point and low == high)):
         raise LaunchError(f"{flag} {text!r} is an empty range: LOW must be below HIGH.")
     return low, high
 
@@ -449,8 +449,9 @@ def tuning_ranges(args) -> dict:
         raise LaunchError("--lr must be above 0 (it is searched on a log scale).")
     ranges = {"lr": ContinuousParameter(lo, hi, scaling_type="Logarithmic"),
               "batch-size": CategoricalParameter(_choices(args.batch_sizes, "--batch-sizes"))}
-    if args.strategy != "Hyperband":  # Hyperband stops jobs by epoch itself
-        elo, ehi = _range(args.epochs, "--epochs")
+    elo, ehi = _range(args.epochs, "--epochs", allow_point=True)
+    # Hyperband stops jobs by epoch itself; a single value (3:3) fixes epochs instead of tuning it.
+    if args.strategy != "Hyperband" and elo < ehi:
         ranges["epochs"] = IntegerParameter(int(elo), int(ehi))
     if args.optimizers:
         ranges["optimizer"] = CategoricalParameter(_choices(args.optimizers, "--optimizers"))
@@ -479,6 +480,9 @@ def cmd_tune(args, settings, on_request=None) -> int:
     hps = parse_hyperparameters(args.hp)
     for name in ranges:
         hps.pop(name, None)
+    elo, ehi = _range(args.epochs, "--epochs", allow_point=True)
+    if elo == ehi and args.strategy != "Hyperband":
+        hps["epochs"] = str(int(ehi))
     aws = connect(settings, on_request, dry_run=args.dry_run)
     inputs = channels(aws, settings, args)
     estimator, name = make_estimator(args, settings, aws, hps)
@@ -562,7 +566,7 @@ def tune_local(args, settings) -> int:
         raise LaunchError(f"{data} has no train/ folder.")
     lo, hi = _range(args.lr, "--lr")
     batch_sizes = [int(b) for b in _choices(args.batch_sizes, "--batch-sizes")]
-    elo, ehi = (int(v) for v in _range(args.epochs, "--epochs"))
+    elo, ehi = (int(v) for v in _range(args.epochs, "--epochs", allow_point=True))
     base_hps = parse_hyperparameters(args.hp)
     metric, direction = OBJECTIVES[args.objective]
     definitions = metric_definitions()

@@ -234,6 +234,14 @@ def test_tune_sends_ranges_objective_and_metric_definitions(uploaded, capsys):
     assert "tuning job tune-1 started" in out
 
 
+def test_tune_with_fixed_epochs(uploaded, capsys):
+    code, rec, _, err = run(["tune", "--epochs", "3:3", "--job-name", "tune-3"], capsys)
+    assert code == 0, err
+    req = rec.one("CreateHyperParameterTuningJob")
+    assert not req["HyperParameterTuningJobConfig"]["ParameterRanges"].get("IntegerParameterRanges")
+    assert req["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"].strip('"') == "3"
+
+
 def test_tune_hyperband(uploaded, capsys):
     code, rec, _, err = run(["tune", "--strategy", "Hyperband", "--epochs", "1:8", "--job-name", "tune-2"], capsys)
     assert code == 0, err
@@ -309,6 +317,7 @@ def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys):
     (["train"], {"IMGCLS_TRAIN_IMAGE": "imgcls-train:latest"}, "not an ECR image URI"),
     (["tune", "--lr", "0.1:0.001"], {}, "empty range"),
     (["tune", "--batch-sizes", ","], {}, "--batch-sizes is empty"),
+    (["tune", "--epochs", "4:2"], {}, "empty range"),
     (["train", "--hp", "lr=fast"], {}, "lr"),
     (["train", "--hp", "learning-rate=0.1"], {}, "learning-rate"),
     (["deploy", "--model-data", "model.tar.gz"], {}, "must be the s3://"),

@@ -32,12 +32,12 @@ class Job:
     output_data_dir: Path
     checkpoint_dir: Path
     debugger_config: Path | None
-    profiler_config: Path | None
     hosts: list[str] = field(default_factory=lambda: ["algo-1"])
     current_host: str = "algo-1"
     num_gpus: int = 0
     num_cpus: int = 1
     ignored_channels: list[str] = field(default_factory=list)
+    profiler_config: Path | None = None
 
     @property
     def failure_file(self) -> Path:
