@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
+import torch
 
-from train.profiling import ProfileSettings, parse_steps
+from imgcls.models import create_model
+from imgcls.presets import ClassificationPresetEval
+from train import profile_rules
+from train.engine import Batcher, choose_precision, train_one_epoch
+from train.profiling import Profiler, ProfileSettings, parse_steps
 
 
 def test_parse_steps():
@@ -69,3 +75,55 @@ def test_no_trace_unless_asked_and_a_profiler_config_asks(tiny_data):
     assert result.returncode == 0, result.stdout[-3000:]
     assert len(list((profile / "trace").glob("*.pt.trace.json"))) == 1
     assert (profile / "system.csv").is_file()
+
+
+# --- rules over the profile: a loader slowed on purpose fires the data-wait rule, a fast one does not ---
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int, delay: float):
+        self.n, self.delay = n, delay
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return torch.full((3, 32, 32), i % 255, dtype=torch.uint8), i % 2
+
+
+def _profile_one_epoch(tmp_path, delay: float):
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = create_model("resnet18", 2)
+    loader = torch.utils.data.DataLoader(_Images(24, delay), batch_size=4, num_workers=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batcher = Batcher(device, ClassificationPresetEval(32).normalize, False)
+    profiler = Profiler(tmp_path / "profile", ProfileSettings(interval_ms=0), device)
+    train_one_epoch(model, loader, batcher, torch.nn.CrossEntropyLoss(), optimizer, scheduler,
+                    choose_precision("fp32", device), None, 1, model.train,
+                    on_step=lambda step, wait, compute, n: profiler.step(1, step, wait, compute, n))
+    profiler.close()
+    return {v.rule: v for v in profile_rules.evaluate(tmp_path / "profile", workers=0, cpus=2)}
+
+
+def test_data_wait_rule_fires_on_a_slow_loader_and_says_what_to_change(tmp_path):
+    verdicts = _profile_one_epoch(tmp_path, delay=0.05)  # 0.2 s to load each batch of 4
+    wait = verdicts["DataLoaderWait"]
+    assert wait.fired and wait.step is not None
+    assert "of each step: raise num-workers to 1 (2 CPUs available)" in wait.message
+
+
+def test_rules_stay_quiet_on_a_good_run(tmp_path):
+    verdicts = _profile_one_epoch(tmp_path, delay=0.0)
+    assert not any(v.fired for v in verdicts.values()), verdicts
+
+
+def test_gpu_and_worker_rules():
+    busy = [{"gpu_percent": "95"}, {"gpu_percent": "90"}]
+    idle = [{"gpu_percent": "20"}, {"gpu_percent": "35"}, {"gpu_percent": "90"}]
+    assert not profile_rules.gpu_utilization(busy).fired
+    low = profile_rules.gpu_utilization(idle)
+    assert low.fired and "35%" in low.message
+    assert not profile_rules.gpu_utilization([{"gpu_percent": ""}]).fired
+    assert profile_rules.workers_vs_cpus(8, 4).fired and not profile_rules.workers_vs_cpus(3, 4).fired
