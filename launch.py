@@ -260,30 +260,26 @@ def cmd_upload_data(args, settings, on_request=None) -> int:
     src = Path(args.source)
     if not src.exists():
         raise LaunchError(f"{src} does not exist.")
-    tmp = None
-    if args.format == "dogimages":
-        tmp = tempfile.TemporaryDirectory(prefix="dogimages-")
-        src = convert_dogimages(src, Path(tmp.name))
-    elif args.format == "cifar100":
-        tmp = tempfile.TemporaryDirectory(prefix="cifar100-")
-        src = convert_cifar100(src, Path(tmp.name))
-    splits = [s for s in ("train", "valid", "test") if (src / s).is_dir()]
-    if "train" not in splits:
-        raise LaunchError(f"{src} has no train/ folder: expected train/<class>/*.jpg (and valid/, test/).")
-    files = [p for s in splits for p in sorted((src / s).rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    aws = connect(settings, on_request)
-    dest = args.s3 or s3_uri(aws, settings, "data")
-    bucket, _, key_prefix = dest.removeprefix("s3://").partition("/")
-    s3 = aws.boto.client("s3")
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="upload") as bar:
-        def put(path: Path):
-            key = f"{key_prefix.rstrip('/')}/{path.relative_to(src).as_posix()}".lstrip("/")
-            s3.upload_file(str(path), bucket, key, Callback=bar.update)
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(put, files))
-    print(f"uploaded {len(files)} files ({', '.join(splits)}) to {dest}")
-    if tmp:
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="imgcls-data-") as tmp:
+        if args.format == "dogimages":
+            src = convert_dogimages(src, Path(tmp))
+        elif args.format == "cifar100":
+            src = convert_cifar100(src, Path(tmp))
+        splits = [s for s in ("train", "valid", "test") if (src / s).is_dir()]
+        if "train" not in splits:
+            raise LaunchError(f"{src} has no train/ folder: expected train/<class>/*.jpg (and valid/, test/).")
+        files = [p for s in splits for p in sorted((src / s).rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        aws = connect(settings, on_request)
+        dest = args.s3 or s3_uri(aws, settings, "data")
+        bucket, _, key_prefix = dest.removeprefix("s3://").partition("/")
+        s3 = aws.boto.client("s3")
+        with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="upload") as bar:
+            def put(path: Path):
+                key = f"{key_prefix.rstrip('/')}/{path.relative_to(src).as_posix()}".lstrip("/")
+                s3.upload_file(str(path), bucket, key, Callback=bar.update)
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(put, files))
+        print(f"uploaded {len(files)} files ({', '.join(splits)}) to {dest}")
     return 0
 
 
@@ -441,7 +437,7 @@ def _choices(text: str, flag: str) -> list[str]:
     return items
 
 
-def tuning_ranges(args) -> dict:
+def tuning_ranges(args, epochs: tuple[float, float]) -> dict:
     from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
 
     lo, hi = _range(args.lr, "--lr")
@@ -449,7 +445,7 @@ def tuning_ranges(args) -> dict:
         raise LaunchError("--lr must be above 0 (it is searched on a log scale).")
     ranges = {"lr": ContinuousParameter(lo, hi, scaling_type="Logarithmic"),
               "batch-size": CategoricalParameter(_choices(args.batch_sizes, "--batch-sizes"))}
-    elo, ehi = _range(args.epochs, "--epochs", allow_point=True)
+    elo, ehi = epochs
     # Hyperband stops jobs by epoch itself; a single value (3:3) fixes epochs instead of tuning it.
     if args.strategy != "Hyperband" and elo < ehi:
         ranges["epochs"] = IntegerParameter(int(elo), int(ehi))
@@ -476,11 +472,11 @@ def cmd_tune(args, settings, on_request=None) -> int:
         WarmStartConfig,
         WarmStartTypes,
     )
-    ranges = tuning_ranges(args)
+    elo, ehi = _range(args.epochs, "--epochs", allow_point=True)
+    ranges = tuning_ranges(args, (elo, ehi))
     hps = parse_hyperparameters(args.hp)
     for name in ranges:
         hps.pop(name, None)
-    elo, ehi = _range(args.epochs, "--epochs", allow_point=True)
     if elo == ehi and args.strategy != "Hyperband":
         hps["epochs"] = str(int(ehi))
     aws = connect(settings, on_request, dry_run=args.dry_run)
@@ -489,7 +485,6 @@ def cmd_tune(args, settings, on_request=None) -> int:
     metric, direction = OBJECTIVES[args.objective]
     kwargs = {}
     if args.strategy == "Hyperband":
-        _, ehi = _range(args.epochs, "--epochs")
         estimator.set_hyperparameters(**{**hps, "epochs": str(int(ehi))})
         kwargs["strategy_config"] = StrategyConfig(HyperbandStrategyConfig(min_resource=1, max_resource=int(ehi)))
     if args.warm_start:

@@ -26,10 +26,7 @@ fi
 port=${SAGEMAKER_BIND_TO_PORT:-8080}
 
 if [ "$mode" != "--native" ]; then
-  engine=${DOCKER:-docker}
-  command -v "$engine" >/dev/null || { echo "error: container engine '$engine' not found (set DOCKER=podman?)" >&2; exit 2; }
-  gpus=()
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then gpus=(--gpus all); fi
+  source "$here/container.sh"
   name=()
   [ -n "${CONTAINER_NAME:-}" ] && name=(--name "$CONTAINER_NAME")
   exec "$engine" run --rm ${name[@]+"${name[@]}"} ${gpus[@]+"${gpus[@]}"} -p "$port:8080" ${EXTRA_RUN_ARGS:-} \

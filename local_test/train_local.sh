@@ -36,10 +36,7 @@ rm -rf "$test_dir/model" "$test_dir/output" "$test_dir/code"
 mkdir -p "$test_dir/model" "$test_dir/output/data" "$test_dir/checkpoints"
 
 if [ "$mode" != "--native" ]; then
-  engine=${DOCKER:-docker}
-  command -v "$engine" >/dev/null || { echo "error: container engine '$engine' not found (set DOCKER=podman?)" >&2; exit 2; }
-  gpus=()
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then gpus=(--gpus all); fi
+  source "$here/container.sh"
   # /opt/ml/code stays the image's (the program lives there); the rest is TEST_DIR's. The host
   # name matches resourceconfig.json, as on SageMaker.
   exec "$engine" run --rm ${gpus[@]+"${gpus[@]}"} --shm-size "${SHM_SIZE:-2g}" --hostname algo-1 ${EXTRA_RUN_ARGS:-} \

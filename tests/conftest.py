@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +108,31 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("container stages")
         for stage, seconds in stage_times:
             terminalreporter.write_line(f"{seconds:8.1f} s  {stage}" if seconds else f"           {stage}")
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Until `url` answers (any status but a refused connection)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url} did not answer in {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A real moto_server on a free loopback port; yields its URL (for AWS_ENDPOINT_URL)."""
+    from serve.process import free_port
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -20,7 +20,7 @@ import torch
 
 from serve.predictor import Predictor
 from serve.process import free_port
-from tests.conftest import ROOT, TINY, stage_times
+from tests.conftest import ROOT, TINY, moto_server, stage_times, wait_http
 from train.synthetic import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
@@ -178,7 +178,7 @@ def registry(tmp_path):
                       f"http:\n  addr: 127.0.0.1:{port}\n")
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_http(f"http://127.0.0.1:{port}/v2/")
+    wait_http(f"http://127.0.0.1:{port}/v2/")
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
@@ -186,24 +186,8 @@ def registry(tmp_path):
 
 @pytest.fixture
 def moto():
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_http(f"http://127.0.0.1:{port}/moto-api/")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"{url} did not answer")
+    with moto_server() as url:
+        yield url
 
 
 def aws_cli(env) -> str:

@@ -9,13 +9,9 @@ import io
 import json
 import os
 import pickle
-import subprocess
-import sys
 import tarfile
-import time
 import urllib.request
 import zipfile
-from pathlib import Path
 
 import boto3
 import numpy as np
@@ -23,7 +19,7 @@ import pytest
 from PIL import Image
 
 import launch
-from serve.process import free_port
+from tests.conftest import moto_server
 from train.metrics import metric_definitions
 from train.synthetic import make_dataset
 
@@ -37,18 +33,11 @@ SERVE_IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/imgcls-serve:abc1234
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
+    with moto_server() as url:
+        yield from _aws_env(url, tmp_path_factory)
+
+
+def _aws_env(url, tmp_path_factory):
     config = tmp_path_factory.mktemp("sdk") / "config.yaml"
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
     saved = dict(os.environ)
@@ -65,8 +54,6 @@ def moto(tmp_path_factory):
     yield url
     os.environ.clear()
     os.environ.update(saved)
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 class Recorder:

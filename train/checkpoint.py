@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "pr
 
 
 class CheckpointError(ClassifierError):
-    pass
+    """A checkpoint exists but cannot be resumed from."""
 
 
 def rng_state() -> dict:

@@ -24,7 +24,7 @@ log = logging.getLogger("train")
 
 
 class DataError(ClassifierError):
-    pass
+    """A channel cannot be used: missing, empty, or inconsistent with the others."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ RESNET_STAGES = [("stem", ("conv1", "bn1")), ("layer1", ("layer1",)), ("layer2",
 
 
 class FreezeError(ValueError):
-    pass
+    """The freeze setting names no part of this architecture."""
 
 
 def frozen_prefixes(model: nn.Module, policy: str) -> list[str]:

@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class HyperparameterError(ClassifierError):
-    pass
+    """A hyperparameter is unknown or has a value the trainer cannot use."""
 
 
 @dataclass(frozen=True)

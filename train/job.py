@@ -150,13 +150,44 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
-    profiler = profiling.Profiler(job.output_data_dir / "profile" if rank.is_main else None, profile_settings, device)
-    try:
-        history, best = _epochs(cfg, model, frozen, train_loader, eval_loaders, batcher, criterion, optimizer,
-                                scheduler, precision, scaler, top_k, classes, rank, job, hps, debugger, profiler,
-                                history, best, bad_epochs, start_epoch)
-    finally:
-        profiler.close()
+    set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
+    profile_dir = job.output_data_dir / "profile" if rank.is_main else None
+    with profiling.Profiler(profile_dir, profile_settings, device) as profiler:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
+            debugger.train_mode()
+            tr = train_one_epoch(model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
+                                 top_k, set_mode, progress, reduce=rank.reduce,
+                                 on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
+            progress.close()
+            debugger.eval_mode()
+            va = evaluate(model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+            record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
+                      "train_topk_acc": tr.top_k_accuracy, "valid_loss": va.loss, "valid_acc": va.accuracy,
+                      "valid_topk_acc": va.top_k_accuracy, "lr": lr, "images_per_sec": tr.images_per_second,
+                      "data_wait": tr.data_wait_fraction}
+            history.append(record)
+            log.info(metrics.epoch_line(record, cfg.epochs))
+            debugger.save_scalars({k: v for k, v in record.items() if k != "epoch"})
+            if math.isfinite(va.loss) and va.loss < best["loss"]:
+                best = {"loss": va.loss, "epoch": epoch + 1,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            stop = cfg.patience > 0 and bad_epochs >= cfg.patience
+            if rank.is_main:
+                checkpoint.save(job.checkpoint_dir, {
+                    "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": checkpoint.rng_state(), "best": best, "bad_epochs": bad_epochs, "history": history,
+                    "hyperparameters": hps, "classes": classes})
+            if stop:
+                log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
+                         cfg.patience, best["loss"], best["epoch"])
+                break
     debugger.close()
 
     if best["state"] is not None:
@@ -176,48 +207,6 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"])
     return final
-
-
-def _epochs(cfg, model, frozen, train_loader, eval_loaders, batcher, criterion, optimizer, scheduler, precision,
-            scaler, top_k, classes, rank, job, hps, debugger, profiler, history, best, bad_epochs, start_epoch):
-    """The epoch loop: train, validate, log the metric line, keep the best weights, checkpoint."""
-    set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
-        debugger.train_mode()
-        tr = train_one_epoch(model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
-                             top_k, set_mode, progress, reduce=rank.reduce,
-                             on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
-        progress.close()
-        debugger.eval_mode()
-        va = evaluate(model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
-        record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
-                  "train_topk_acc": tr.top_k_accuracy, "valid_loss": va.loss, "valid_acc": va.accuracy,
-                  "valid_topk_acc": va.top_k_accuracy, "lr": lr, "images_per_sec": tr.images_per_second,
-                  "data_wait": tr.data_wait_fraction}
-        history.append(record)
-        log.info(metrics.epoch_line(record, cfg.epochs))
-        debugger.save_scalars({k: v for k, v in record.items() if k != "epoch"})
-        if math.isfinite(va.loss) and va.loss < best["loss"]:
-            best = {"loss": va.loss, "epoch": epoch + 1,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        stop = cfg.patience > 0 and bad_epochs >= cfg.patience
-        if rank.is_main:
-            checkpoint.save(job.checkpoint_dir, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": checkpoint.rng_state(), "best": best, "bad_epochs": bad_epochs, "history": history,
-                "hyperparameters": hps, "classes": classes})
-        if stop:
-            log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
-                     cfg.patience, best["loss"], best["epoch"])
-            break
-    return history, best
 
 
 def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch) -> None:

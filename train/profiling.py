@@ -103,8 +103,8 @@ class SystemMonitor(threading.Thread):
         for proc in [self.process, *self.process.children(recursive=True)]:  # data-loader workers too
             try:
                 total += proc.memory_info().rss
-            except psutil.Error:
-                pass
+            except psutil.Error:  # a worker that exited between listing and reading
+                continue
         return total / 2**30
 
     def run(self) -> None:
@@ -172,6 +172,12 @@ class Profiler:
             if self.global_step >= self.settings.trace_start + self.settings.trace_steps:
                 self.trace.stop()
                 self.trace = None
+
+    def __enter__(self) -> Profiler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.trace is not None:
