@@ -12,6 +12,21 @@ from pathlib import Path
 log = logging.getLogger("train")
 
 
+def _hook_class(smd):
+    import torch
+
+    class Hook(smd.Hook):
+        """smdebug's hook, able to save bf16 tensors (autocast activations), which numpy cannot hold."""
+
+        @staticmethod
+        def _make_numpy_array(tensor_value):
+            if isinstance(tensor_value, torch.Tensor) and tensor_value.dtype == torch.bfloat16:
+                tensor_value = tensor_value.float()
+            return smd.Hook._make_numpy_array(tensor_value)
+
+    return Hook
+
+
 class Debugger:
     """Thin wrapper: every method is a no-op when there is no hook."""
 
@@ -30,7 +45,7 @@ class Debugger:
         except Exception as exc:  # ImportError, or smdebug's own import-time failures
             log.warning("debugger: smdebug cannot be imported (%s), training without SageMaker Debugger", exc)
             return cls()
-        hook = smd.Hook.create_from_json_file(str(config))
+        hook = _hook_class(smd).create_from_json_file(str(config))
         hook.register_module(model)
         hook.register_loss(criterion)
         log.info("debugger: smdebug hook writing to %s", hook.out_dir)
