@@ -152,7 +152,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                          job.profiler_config)
     set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
     profile_dir = job.output_data_dir / "profile" if rank.is_main else None
-    with profiling.Profiler(profile_dir, profile_settings, device) as profiler:
+    run_info = {"workers": workers, "cpus": job.num_cpus, "batch_size": cfg.batch_size, "world_size": rank.world_size,
+                "arch": cfg.arch, "image_size": cfg.image_size, "precision": precision.name}
+    with profiling.Profiler(profile_dir, profile_settings, device, run_info) as profiler:
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]

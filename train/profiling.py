@@ -4,6 +4,8 @@
     profile/system.csv   every interval: CPU (mean and busiest core), memory, this job's RSS, GPU
                          utilization and memory (NVML, when there is a GPU and pynvml); seconds
                          count from the start of each run of the program (a resumed job restarts them)
+    profile/run.json     what the rules need besides timings: workers, CPUs, batch size, device,
+                         memory capacity and the peak this run used
     profile/trace/       a torch.profiler trace of a window of steps, when asked for (TensorBoard's
                          profiler plugin or Perfetto open it)
 
@@ -97,6 +99,7 @@ class SystemMonitor(threading.Thread):
             except Exception as exc:  # no pynvml, no driver: CPU figures only
                 log.info("profiler: no GPU utilization (%s)", exc)
         self.process = psutil.Process(os.getpid())
+        self.peak_rss_gb = 0.0
 
     def _rss_gb(self) -> float:
         total = 0
@@ -116,10 +119,12 @@ class SystemMonitor(threading.Thread):
             if new:
                 out.writerow(self.FIELDS)
             while not self.stopped.wait(self.interval):
+                rss = self._rss_gb()
+                self.peak_rss_gb = max(self.peak_rss_gb, rss)
                 cores = psutil.cpu_percent(percpu=True) or [0.0]
                 gpu = self.gpu.sample() if self.gpu else ("", "")
                 out.writerow([f"{time.monotonic() - start:.2f}", f"{sum(cores) / len(cores):.1f}", f"{max(cores):.1f}",
-                              f"{psutil.virtual_memory().percent:.1f}", f"{self._rss_gb():.3f}",
+                              f"{psutil.virtual_memory().percent:.1f}", f"{rss:.3f}",
                               *(f"{v:.2f}" if v != "" else "" for v in gpu)])
                 fh.flush()
 
@@ -129,10 +134,15 @@ class SystemMonitor(threading.Thread):
 
 
 class Profiler:
-    """The step log, the system monitor and the optional trace, behind step() and close()."""
+    """The step log, the system monitor and the optional trace, behind step() and close().
 
-    def __init__(self, out_dir: Path | None, settings: ProfileSettings, device: torch.device):
-        self.settings, self.device = settings, device
+    run_info (workers, cpus, batch_size, ...) goes to run.json with the memory figures at close.
+    """
+
+    def __init__(self, out_dir: Path | None, settings: ProfileSettings, device: torch.device,
+                 run_info: dict | None = None):
+        self.settings, self.device, self.out_dir = settings, device, out_dir
+        self.run_info = dict(run_info or {})
         self.global_step = 0
         self.monitor = self.trace = self._steps = self._steps_file = None
         if out_dir is None:  # not the main process
@@ -179,6 +189,16 @@ class Profiler:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def memory(self) -> dict:
+        """Capacity and this run's peak: GPU memory on a GPU, host memory (RSS with workers) otherwise."""
+        if self.device.type == "cuda":
+            return {"memory_kind": "gpu",
+                    "memory_total_gb": torch.cuda.get_device_properties(self.device).total_memory / 2**30,
+                    "memory_peak_gb": torch.cuda.max_memory_reserved(self.device) / 2**30}
+        peak = self.monitor.peak_rss_gb if self.monitor is not None else 0.0
+        return {"memory_kind": "host", "memory_total_gb": psutil.virtual_memory().total / 2**30,
+                "memory_peak_gb": peak or psutil.Process(os.getpid()).memory_info().rss / 2**30}
+
     def close(self) -> None:
         if self.trace is not None:
             self.trace.stop()
@@ -188,3 +208,5 @@ class Profiler:
         if self._steps_file is not None:
             self._steps_file.close()
             self._steps_file = None
+            info = {**self.run_info, **self.memory(), "device": str(self.device)}
+            (self.out_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
