@@ -12,6 +12,7 @@ Uses the two images that build_and_push.sh prints. Typical session:
   launch.py transform --model-data ... --input s3://.../images/ # batch transform over a prefix
   launch.py cleanup ENDPOINT                                    # endpoint, its config and models
   launch.py metric-definitions                                  # the regexes the trainer's log matches
+  launch.py report JOB_OR_FOLDER                                # rules and charts of a run, in one HTML file
 
 Settings come from flags, then the environment, then a JSON file (--config, default ./launch.json):
   region       --region        AWS_REGION, AWS_DEFAULT_REGION       "region"
@@ -128,7 +129,8 @@ def connect(settings: dict, on_request=None, dry_run: bool = False, check_bucket
     import botocore.exceptions
 
     region = need(settings, "region", "pass --region or set AWS_REGION.")
-    bucket = need(settings, "bucket", "pass --bucket, set IMGCLS_BUCKET or add \"bucket\" to launch.json.")
+    bucket = (need(settings, "bucket", "pass --bucket, set IMGCLS_BUCKET or add \"bucket\" to launch.json.")
+              if check_bucket else settings.get("bucket") or "")
     session = boto3.Session(region_name=region)
     if session.get_credentials() is None:
         raise LaunchError("no AWS credentials: run `aws configure`, set AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
@@ -157,7 +159,7 @@ def connect(settings: dict, on_request=None, dry_run: bool = False, check_bucket
         except botocore.exceptions.EndpointConnectionError as exc:
             raise LaunchError(f"cannot reach AWS ({exc}).") from None
     import sagemaker
-    return Aws(session, sagemaker.Session(boto_session=session, default_bucket=bucket), bucket)
+    return Aws(session, sagemaker.Session(boto_session=session, default_bucket=bucket or None), bucket)
 
 
 def s3_uri(aws: Aws, settings: dict, *parts: str) -> str:
@@ -778,6 +780,98 @@ def cmd_cleanup(args, settings, on_request=None) -> int:
     return 0
 
 
+JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+
+def _s3_split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def download_job(aws: Aws, job: str, dest: Path) -> None:
+    """A training job's output data (output.tar.gz), debugger tensors and hyperparameters, into `dest`
+    in the layout report.rundir reads: output/data/, debug-output/, hyperparameters.json, failure."""
+    import tarfile
+    import tempfile
+
+    import botocore.exceptions
+    sm, s3 = aws.boto.client("sagemaker"), aws.boto.client("s3")
+    try:
+        desc = sm.describe_training_job(TrainingJobName=job)
+    except botocore.exceptions.ClientError as exc:
+        raise LaunchError(f"training job {job!r}: {exc.response['Error'].get('Message', exc)} (a local run? pass "
+                          "its folder)") from None
+    status = desc.get("TrainingJobStatus")
+    model = (desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    base = model.rsplit("/", 1)[0] if model else f"{desc['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{job}/output"
+    bucket, key = _s3_split(f"{base}/output.tar.gz")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "output.tar.gz"
+        try:
+            s3.download_file(bucket, key, str(archive))
+        except botocore.exceptions.ClientError:
+            raise LaunchError(f"training job {job} ({status}) has no s3://{bucket}/{key}: the trainer writes it when "
+                              "the job ends; wait for the job, or report on a local run's folder") from None
+        data = dest / "output" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(data, filter="data")
+    tensors = 0
+    hook = (desc.get("DebugHookConfig") or {}).get("S3OutputPath")
+    if hook:
+        bucket, prefix = _s3_split(f"{hook.rstrip('/')}/{job}/debug-output/")
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                target = dest / "debug-output" / obj["Key"][len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(target))
+                tensors += 1
+    (dest / "hyperparameters.json").write_text(json.dumps(desc.get("HyperParameters", {}), indent=2))
+    if desc.get("FailureReason"):
+        (dest / "failure").write_text(desc["FailureReason"])
+    print(f"downloaded {job} ({status}): output data, {tensors} debugger files -> {dest}")
+
+
+def _rule_params(pairs: list[str] | None) -> dict[str, dict[str, str]]:
+    params: dict[str, dict[str, str]] = {}
+    for pair in pairs or []:
+        rule, dot, rest = pair.partition(".")
+        name, eq, value = rest.partition("=")
+        if not (dot and eq and rule and name):
+            raise LaunchError(f"--rule-param {pair!r}: write RULE.PARAMETER=VALUE, e.g. LossNotDecreasing.num_steps=20")
+        params.setdefault(rule, {})[name] = value
+    return params
+
+
+def cmd_report(args, settings, on_request=None) -> int:
+    from report import build
+    from report.rundir import ReportError
+
+    params = _rule_params(args.rule_param)
+    folder, name = Path(args.run), None
+    if not folder.exists():
+        if not JOB_NAME.match(args.run):
+            raise LaunchError(f"{args.run!r} is neither a folder nor a SageMaker training job name")
+        aws = connect(settings, on_request, check_bucket=False)
+        folder, name = Path(args.download_dir or f"report-{args.run}"), args.run
+        download_job(aws, args.run, folder)
+    try:
+        out, verdicts = build.write(folder, Path(args.out) if args.out else None,
+                                    Path(args.tensors) if args.tensors else None, params, name)
+    except ReportError as exc:
+        raise LaunchError(str(exc)) from None
+    for v in verdicts:
+        if v.fired:
+            print(f"FIRED {v.rule}{f' ({v.where})' if v.where else ''}: {v.message}")
+    quiet = sum(1 for v in verdicts if v.evaluated and not v.fired)
+    skipped = [v.rule for v in verdicts if not v.evaluated]
+    print(f"{sum(v.fired for v in verdicts)} rules fired, {quiet} quiet"
+          + (f", {len(skipped)} without data ({', '.join(skipped)})" if skipped else ""))
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_metric_definitions(args, settings, on_request=None) -> int:
     print(json.dumps(metric_definitions(), indent=2))
     return 0
@@ -902,6 +996,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", parents=[common], help="delete an endpoint, its config and its models")
     p.add_argument("endpoint")
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("report", parents=[common], help="debugger and profiler rules and charts, as one HTML file")
+    p.add_argument("run", help="a local run's folder (or its output/data), or a SageMaker training job name")
+    p.add_argument("--out", help="the HTML file (default: report.html in the run's folder)")
+    p.add_argument("--tensors", help="the smdebug output folder, when it is not in the run's folder")
+    p.add_argument("--download-dir", help="where a job's output is downloaded (default ./report-JOB)")
+    p.add_argument("--rule-param", action="append", metavar="RULE.NAME=VALUE",
+                   help="a rule parameter, as SageMaker's rule_parameters (repeat), e.g. Overtraining.patience_validation=3")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("metric-definitions", parents=[common], help="the trainer's metric regexes, as JSON")
     p.set_defaults(func=cmd_metric_definitions)

@@ -99,6 +99,59 @@ def tiny_data(job) -> Job:
     return job
 
 
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 200)}
+
+
+def colour_dataset(root: Path, per_class: int = 24, test_per_class: int = 4, seed: int = 0) -> None:
+    """Noisy flat colours, 32x32: a task a small ResNet learns cleanly in a few epochs (a good run)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)  # seeded noise: the same files, so the same run, every time
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                tint = np.array(rgb) + rng.integers(-40, 41, size=3)
+                pixels = 0.7 * tint + 0.3 * rng.normal(128, 40, size=(32, 32, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg")
+
+
+def debugger_config(job: Job, save_interval: int = 1) -> Path:
+    """A DebuggerHookConfig as SageMaker writes it, saving to <base>/output/tensors."""
+    tensors = job.base / "output" / "tensors"
+    (job.config / "debughookconfig.json").write_text(json.dumps({
+        "LocalPath": str(tensors), "HookParameters": {"save_interval": str(save_interval)},
+        "CollectionConfigurations": [
+            {"CollectionName": "losses"}, {"CollectionName": "gradients"},
+            {"CollectionName": "relu_input", "CollectionParameters": {"include_regex": ".*relu_input"}}]}))
+    return tensors
+
+
+def train_run(base: Path, hps: dict, zero_weights: bool = False, hook: bool = True) -> Job:
+    """A finished real `train` job on the colour dataset, with the debugger hook on unless hook=False;
+    zero_weights starts it from an all-zero state dict in the 'pretrained' channel."""
+    import torch
+    import torchvision
+
+    job = Job(base)
+    job.config.mkdir(parents=True)
+    (job.config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    job.hyperparameters(**hps)
+    colour_dataset(job.data)
+    if zero_weights:
+        state = torchvision.models.resnet18(num_classes=len(COLOURS)).state_dict()
+        (job.data / "pretrained").mkdir()
+        torch.save({k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in state.items()},
+                   job.data / "pretrained" / "zeros.pt")
+    if hook:
+        debugger_config(job)
+    result = job.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    return job
+
+
 # (stage, seconds) recorded by the long container tests, printed at the end of the run.
 stage_times: list[tuple[str, float]] = []
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import launch
-from tests.conftest import moto_server
+from tests.conftest import moto_server, train_run
 from train.metrics import metric_definitions
 from train.synthetic import make_dataset
 
@@ -383,3 +383,37 @@ def test_tune_local_runs_trials_and_reports_the_best(tmp_path, capsys):
     best = [line for line in out.splitlines() if line.startswith("best trial")]
     values = [float(t.split("valid:loss=")[1].split()[0]) for t in trials]
     assert best and f"valid:loss={min(values):.5g}" in best[0]
+
+
+def test_report_downloads_a_jobs_output_and_tensors(uploaded, capsys, tmp_path):
+    code, _, _, err = run(["train", "--job-name", "job-report", "--save-interval", "1"], capsys)
+    assert code == 0, err
+    # What the job leaves in S3, from a real run that diverged (SageMaker's layout, the SDK's paths)
+    done = train_run(tmp_path / "run", {"epochs": 3, "batch_size": 8, "lr": 8, "optimizer": "sgd", "warmup_epochs": 0})
+    s3 = boto3.client("s3", region_name=REGION)
+    desc = boto3.client("sagemaker", region_name=REGION).describe_training_job(TrainingJobName="job-report")
+    output = desc["ModelArtifacts"]["S3ModelArtifacts"].rsplit("/", 1)[0].removeprefix("s3://imgcls-test/")
+    archive = tmp_path / "output.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(done.output_data, arcname=".")
+    s3.upload_file(str(archive), "imgcls-test", f"{output}/output.tar.gz")
+    tensors = done.base / "output" / "tensors"
+    debug = f"{desc['DebugHookConfig']['S3OutputPath'].removeprefix('s3://imgcls-test/').rstrip('/')}/job-report/debug-output"
+    files = [p for p in tensors.rglob("*") if p.is_file()]
+    for f in files:
+        s3.upload_file(str(f), "imgcls-test", f"{debug}/{f.relative_to(tensors).as_posix()}")
+
+    code, rec, out, err = run(["report", "job-report", "--download-dir", str(tmp_path / "dl")], capsys)
+    assert code == 0, err
+    assert f"downloaded job-report (Completed): output data, {len(files)} debugger files" in out
+    assert "FIRED LossNotDecreasing" in out and "FIRED ExplodingTensor (epoch 1)" in out
+    assert f"report: {tmp_path / 'dl' / 'report.html'}" in out
+    page = (tmp_path / "dl" / "report.html").read_text()
+    assert "Training report: job-report" in page and "debug-output" in page
+    assert not set(rec.ops()) & launch.WRITE_OPERATIONS
+
+    code, _, _, err = run(["report", "no-such-job"], capsys)
+    assert code == 2 and "training job 'no-such-job'" in err and "pass its folder" in err
+    assert run(["train", "--job-name", "job-no-output"], capsys)[0] == 0
+    code, _, _, err = run(["report", "job-no-output"], capsys)
+    assert code == 2 and "has no s3://imgcls-test/imgcls/output/job-no-output/output/output.tar.gz" in err
