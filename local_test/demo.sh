@@ -29,6 +29,10 @@ print(f"learning curves: {base / 'output/data/learning_curves.png'}")
 PY
 
 echo
+echo "== report: SageMaker Debugger's rules and ours over the run's tensors and profile (launch.py report)"
+"$venv/bin/python" "$root/launch.py" report "$test_dir" --out "$test_dir/output/report.html"
+
+echo
 echo "== serving the model (MMS through sagemaker-inference) and predicting held-out images"
 export SAGEMAKER_BIND_TO_PORT=${SAGEMAKER_BIND_TO_PORT:-8080}
 log="$test_dir/serve.log"

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,17 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
     # Epoch scalars are saved every epoch, whatever the save interval.
     assert [float(valid_loss.value(s)[0]) for s in valid_loss.steps()] == pytest.approx(
         [h["valid_loss"] for h in history], rel=1e-5)
+
+
+def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):
+    from train.debugger import relocate
+
+    config = tmp_path / "debughookconfig.json"
+    config.write_text(json.dumps({"LocalPath": "/opt/ml/output/tensors", "HookParameters": {"save_interval": "5"}}))
+    moved = json.loads(relocate(config, tmp_path / "run").read_text())
+    assert moved == {"LocalPath": str(tmp_path / "run" / "output" / "tensors"), "HookParameters": {"save_interval": "5"}}
+    assert relocate(config, Path("/opt/ml")) == config  # in SageMaker nothing changes
+    config.write_text(json.dumps({"HookParameters": {}}))  # smdebug's default is /opt/ml/output/tensors too
+    assert json.loads(relocate(config, tmp_path / "run").read_text())["LocalPath"] == str(tmp_path / "run/output/tensors")
+    config.write_text(json.dumps({"LocalPath": str(tmp_path / "mine")}))
+    assert relocate(config, tmp_path / "run") == config

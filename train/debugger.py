@@ -6,10 +6,34 @@ the hook off with one log line; training never depends on it.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("train")
+SAGEMAKER_BASE = Path("/opt/ml")
+
+
+def relocate(config: Path, base_dir: Path) -> Path:
+    """The config, with its LocalPath moved under base_dir when the job runs outside /opt/ml.
+
+    SageMaker writes LocalPath=/opt/ml/output/tensors; a local run under SAGEMAKER_BASE_DIR (a
+    laptop, local_test) keeps its tensors in its own folder rather than in /opt/ml.
+    """
+    if base_dir == SAGEMAKER_BASE:
+        return config
+    try:
+        spec = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return config  # smdebug reports a broken file itself
+    local = Path(spec.get("LocalPath") or SAGEMAKER_BASE / "output" / "tensors")
+    if not local.is_relative_to(SAGEMAKER_BASE):
+        return config
+    spec["LocalPath"] = str(base_dir / local.relative_to(SAGEMAKER_BASE))
+    moved = Path(tempfile.mkdtemp(prefix="debughook-")) / config.name
+    moved.write_text(json.dumps(spec))
+    return moved
 
 
 def _hook_class(smd):
@@ -34,7 +58,8 @@ class Debugger:
         self.hook, self.modes = hook, modes
 
     @classmethod
-    def create(cls, config: Path | None, model, criterion, enabled: bool = True) -> Debugger:
+    def create(cls, config: Path | None, model, criterion, enabled: bool = True,
+               base_dir: Path = SAGEMAKER_BASE) -> Debugger:
         if not enabled:
             return cls()
         if config is None:
@@ -45,7 +70,7 @@ class Debugger:
         except Exception as exc:  # ImportError, or smdebug's own import-time failures
             log.warning("debugger: smdebug cannot be imported (%s), training without SageMaker Debugger", exc)
             return cls()
-        hook = _hook_class(smd).create_from_json_file(str(config))
+        hook = _hook_class(smd).create_from_json_file(str(relocate(config, base_dir)))
         hook.register_module(model)
         hook.register_loss(criterion)
         log.info("debugger: smdebug hook writing to %s", hook.out_dir)

@@ -147,7 +147,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
-    debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main)
+    debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
+                               base_dir=job.output_dir.parent)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
     set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
