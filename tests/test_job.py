@@ -255,3 +255,16 @@ def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):
     assert json.loads(relocate(config, tmp_path / "run").read_text())["LocalPath"] == str(tmp_path / "run/output/tensors")
     config.write_text(json.dumps({"LocalPath": str(tmp_path / "mine")}))
     assert relocate(config, tmp_path / "run") == config
+
+
+def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
+    """With augment=none the cached and uncached runs see the same pixels: the same history, to the bit."""
+    histories = {}
+    for choice in ("true", "false"):
+        tiny_data.hyperparameters(augment="none", cache_images=choice)
+        result = tiny_data.run()
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert ("decode once: 24 train + 6 valid + 9 test images kept in memory" in result.stdout) == (choice == "true")
+        histories[choice] = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait")} for e in h]  # noqa: E731
+    assert strip(histories["true"]) == strip(histories["false"])

@@ -21,7 +21,8 @@ log = logging.getLogger("train")
 
 FILENAME = "checkpoint.pt"
 # Hyperparameters that may change between a run and its resumption without changing its meaning.
-RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps"}
+RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps",
+                     "cache-images"}
 
 
 class CheckpointError(ClassifierError):

@@ -157,9 +157,16 @@ class EpochSampler(Sampler):
         return len(range(self.rank, self.size, self.world_size))
 
 
+def identity(image):
+    """The transform of a channel whose cache already holds the preset's output."""
+    return image
+
+
 class ImageDataset(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+    """(transform(image), label); images come from the files, or from `cache` (train.cache) when given."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0, cache=None):
+        self.samples, self.transform, self.seed, self.cache = samples, transform, seed, cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -168,6 +175,8 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
         torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+        if self.cache is not None:
+            return self.transform(self.cache[index]), label
         try:
             image = open_image(path)
         except ClassifierError as exc:  # the file changed after the scan
@@ -177,10 +186,10 @@ class ImageDataset(Dataset):
 
 def make_loader(channel: Channel, transform, batch_size: int, *, shuffle: bool, seed: int,
                 workers: int, pin_memory: bool, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, cache=None) -> DataLoader:
     sampler = EpochSampler(len(channel.samples), seed, shuffle, rank, world_size)
     return DataLoader(
-        ImageDataset(channel.samples, transform, seed), batch_size=batch_size, sampler=sampler,
+        ImageDataset(channel.samples, transform, seed, cache), batch_size=batch_size, sampler=sampler,
         num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )

@@ -22,6 +22,7 @@ from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
 
 from . import (
+    cache,
     checkpoint,
     contract,
     data,
@@ -77,6 +78,25 @@ def auto_workers(num_cpus: int, world_size: int, on_gpu: bool) -> int:
     return min(16, per_process) if on_gpu else max(1, per_process // 2)
 
 
+def decode_once(cfg: hyperparams.Config, splits: Splits, eval_preset, threads: int) -> dict[str, cache.DecodedImages]:
+    """Per channel name, its decoded images when they are to be kept in memory (cache-images)."""
+    evals = [c for c in (splits.valid, splits.test) if c is not None]
+    needed = cache.estimate_bytes(len(splits.train.samples), sum(len(c.samples) for c in evals),
+                                  eval_preset.resize_size, eval_preset.crop_size)
+    use, why = cache.should_cache(cfg.cache_images, needed)
+    if not use:
+        log.info("decode once: off (%s)", why)
+        return {}
+    paths = lambda c: [p for p, _ in c.samples]  # noqa: E731
+    caches = {"train": cache.DecodedImages(paths(splits.train), cache.resize_shorter(eval_preset.resize_size,
+                                                                                      eval_preset.interpolation), threads)}
+    caches.update({c.name: cache.DecodedImages(paths(c), eval_preset, threads) for c in evals})
+    log.info("decode once: %s images kept in memory (%.0f MiB, decoded in %.1f s; %s); later epochs skip decoding",
+             " + ".join(f"{len(v)} {k}" for k, v in caches.items()), sum(v.nbytes for v in caches.values()) / 2**20,
+             sum(v.seconds for v in caches.values()), why)
+    return caches
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -110,12 +130,15 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     train_preset = ClassificationPresetTrain(cfg.image_size, cfg.augment)
     eval_preset = ClassificationPresetEval(cfg.image_size)
     n_train = len(splits.train.samples)
+    caches = decode_once(cfg, splits, eval_preset, threads=job.num_cpus)
     train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                     workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
-                                    drop_last=n_train % cfg.batch_size == 1)  # a batch of one breaks BatchNorm
+                                    drop_last=n_train % cfg.batch_size == 1,  # a batch of one breaks BatchNorm
+                                    cache=caches.get("train"))
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    eval_loaders = {c.name: data.make_loader(c, eval_preset, eval_bs, shuffle=False, seed=cfg.seed,
-                                             workers=workers, pin_memory=on_gpu)
+    eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
+                                             shuffle=False, seed=cfg.seed, workers=workers, pin_memory=on_gpu,
+                                             cache=caches.get(c.name))
                     for c in (splits.valid, splits.test) if c is not None}
     log.info("data: batch size %d, %d steps per epoch, %d data-loader workers", cfg.batch_size,
              len(train_loader), workers)
