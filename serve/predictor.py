@@ -17,21 +17,39 @@ from PIL import Image
 
 from imgcls import artifact
 from imgcls.errors import ClassifierError
+from imgcls.hardware import fast_bf16
 from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_AGREEMENT = 0.99   # top-1 agreement of bf16 with fp32 on the model's own test images
+
+
+def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.device) -> tuple[str, str]:
+    """(precision, why): auto answers in bf16 only where the hardware is fast at it and the trainer
+    measured that bf16 picks the same top-1 class as fp32 on at least 99% of its test images."""
+    if requested != "auto":
+        return requested, f"IMGCLS_PRECISION={requested}"
+    agreement = card.metrics.get("bf16_top1_agreement")
+    if not fast_bf16(device):
+        return "fp32", f"no fast bf16 on {device}"
+    if agreement is None:
+        return "fp32", "the artifact has no bf16 agreement measured (trained before it was recorded)"
+    if agreement < MIN_AGREEMENT:
+        return "fp32", f"bf16 agreed with fp32 on only {agreement:.1%} of the test images"
+    return "bf16", f"fast bf16 on {device}, {agreement:.1%} top-1 agreement with fp32 on the test images"
 
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
-                 precision: str = "fp32", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.device = torch.device(device)
         self.card = card
         self.class_names = card.class_names
         self.preset = card.eval_preset()
         self.chunk_size = chunk_size
         self.max_pixels = max_pixels
-        self.autocast_dtype = _DTYPES[precision]
+        self.precision, self.precision_reason = resolve_precision(precision, card, self.device)
+        self.autocast_dtype = _DTYPES[self.precision]
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
 
     @classmethod

@@ -238,7 +238,8 @@ def main() -> int:
     watchdog.start()
     signal.signal(signal.SIGINT, lambda *_: [p.terminate() for p in _mms_processes(run_dir)])
     try:
-        model_server.start_model_server(handler_service=HANDLER)
+        # IMGCLS_HANDLER: another handler on the same server (the benchmark's naive baseline)
+        model_server.start_model_server(handler_service=os.environ.get("IMGCLS_HANDLER", HANDLER))
     finally:
         # MMS's JVM exits on SIGTERM but leaves its Python workers running; stop them too.
         _stop(_mms_processes(run_dir))

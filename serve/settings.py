@@ -42,7 +42,7 @@ class Settings:
     default_top_k: int = 5
     chunk_size: int = 32          # images per forward pass; a bigger request runs in chunks
     threads: int = 0              # intra-op threads per worker; 0 leaves torch's default
-    precision: str = "fp32"
+    precision: str = "auto"       # auto: bf16 where fast and the artifact's bf16 agreement allows (predictor)
     url: UrlPolicy = UrlPolicy()
 
     @classmethod
@@ -52,9 +52,9 @@ class Settings:
             max_body = env.integer("IMGCLS_MAX_BODY_BYTES", 0, minimum=1)
         else:
             max_body = round(env.number("SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_MAX_PAYLOAD_MB, minimum=0.001) * MIB)
-        precision = environ.get("IMGCLS_PRECISION", "fp32").strip().lower() or "fp32"
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of fp32, bf16, fp16.")
+        precision = environ.get("IMGCLS_PRECISION", "auto").strip().lower() or "auto"
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of auto, fp32, bf16, fp16.")
         return cls(
             max_body_bytes=max_body,
             max_pixels=env.integer("IMGCLS_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),

@@ -139,7 +139,9 @@ def test_training_image_reports_a_bad_hyperparameter(images, env, trained_dir, t
 def test_serving_image_answers_like_the_model(images, env, trained_dir):
     port = free_port()
     name = f"imgcls-ci-serve-{port}"
-    serve_env = dict(env, SAGEMAKER_BIND_TO_PORT=str(port), CONTAINER_NAME=name)
+    # fp32 on both sides: the comparison below is to float rounding (auto may pick bf16 on this CPU)
+    serve_env = dict(env, SAGEMAKER_BIND_TO_PORT=str(port), CONTAINER_NAME=name,
+                     EXTRA_RUN_ARGS=(env.get("EXTRA_RUN_ARGS", "") + " -e IMGCLS_PRECISION=fp32").strip())
     proc = subprocess.Popen([str(ROOT / "local_test" / "serve_local.sh"), images["serve"], str(trained_dir)],
                             env=serve_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -148,7 +150,7 @@ def test_serving_image_answers_like_the_model(images, env, trained_dir):
         predict_env = dict(env, ENDPOINT=f"http://127.0.0.1:{port}", TOP_K="2")
         out = run([str(ROOT / "local_test" / "predict.sh"), str(image)], predict_env, 120, stage="predict.sh")
         (pred,) = json.loads(out.stdout)["predictions"]
-        expected = Predictor.from_model_dir(trained_dir / "model").predict([image.read_bytes()])[0]
+        expected = Predictor.from_model_dir(trained_dir / "model", precision="fp32").predict([image.read_bytes()])[0]
         assert [t["index"] for t in pred["top_k"]] == list(expected.argsort()[::-1][:2])
         assert abs(pred["probability"] - float(expected.max())) < 1e-4
         bad = run([str(ROOT / "local_test" / "predict.sh"), str(ROOT / "README.md"), "image/png"], predict_env, 120,

@@ -268,3 +268,6 @@ def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
         histories[choice] = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait")} for e in h]  # noqa: E731
     assert strip(histories["true"]) == strip(histories["false"])
+    _, card = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
+    assert 0 <= card.metrics["bf16_top1_agreement"] <= 1
+    assert "bf16 gives the same top-1 class as fp32 on" in result.stdout

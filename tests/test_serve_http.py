@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from imgcls import artifact
+from imgcls.hardware import fast_bf16
 from imgcls.images import open_image
 from serve.process import ServeProcess as Server
 from tests.conftest import Job
@@ -112,7 +113,8 @@ def origin(images):
 def server(trained, tmp_path_factory):
     srv = Server(trained.base, tmp_path_factory.mktemp("mms"), SAGEMAKER_MAX_PAYLOAD_IN_MB="1",
                  IMGCLS_MAX_PIXELS=str(MAX_PIXELS), IMGCLS_URL_FETCH="true", IMGCLS_URL_ALLOW_PRIVATE="true",
-                 IMGCLS_TOP_K="3", IMGCLS_CHUNK_SIZE="4")
+                 IMGCLS_TOP_K="3", IMGCLS_CHUNK_SIZE="4",
+                 IMGCLS_PRECISION="fp32")  # parity with the trainer's fp32 path, to float rounding
     srv.wait_ready()
     yield srv
     srv.stop()
@@ -299,13 +301,18 @@ def test_batch_transform_record(server, images, reference, tmp_path):
 
 def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_path):
     """Two endpoints on one machine (a test next to a demo, two models): each finds its own MMS."""
-    second = Server(trained.base, tmp_path / "mms2")
+    second = Server(trained.base, tmp_path / "mms2")  # precision auto, the default
     try:
         second.wait_ready(timeout=120)
-        for srv in (second, server):
+        _, card = artifact.load(trained.model_dir)
+        auto = "bf16" if fast_bf16(torch.device("cpu")) and card.metrics["bf16_top1_agreement"] >= 0.99 else "fp32"
+        assert f"precision {auto} (" in second.output
+        for srv, atol in ((second, 0.02 if auto == "bf16" else ATOL), (server, ATOL)):
             code, _, out = srv.invoke(images["big.jpg"].read_bytes(), "image/jpeg", accept="application/x-npy")
             assert code == 200
-            np.testing.assert_allclose(np.load(io.BytesIO(out))[0], reference["big.jpg"], atol=ATOL)
+            probs = np.load(io.BytesIO(out))[0]
+            np.testing.assert_allclose(probs, reference["big.jpg"], atol=atol)
+            assert probs.argmax() == reference["big.jpg"].argmax()
     finally:
         second.stop()
     code, body = server.ping()

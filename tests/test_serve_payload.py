@@ -219,3 +219,25 @@ def test_url_fetch_only_http(origin):
     for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1"):
         code, message = status(fetch, url, ALLOW)
         assert code == 400 and "http" in message
+
+
+def test_precision_auto_follows_the_hardware_and_the_artifacts_agreement():
+    import torch
+
+    from imgcls import artifact
+    from imgcls.hardware import fast_bf16
+    from serve.predictor import resolve_precision
+
+    cpu = torch.device("cpu")
+    card = lambda **metrics: artifact.ModelCard(arch="resnet18", class_names=["a", "b"], preprocess={},  # noqa: E731
+                                                metrics=metrics)
+    precision, why = resolve_precision("auto", card(bf16_top1_agreement=1.0), cpu)
+    assert precision == ("bf16" if fast_bf16(cpu) else "fp32"), why
+    assert resolve_precision("auto", card(bf16_top1_agreement=0.97), cpu)[0] == "fp32"
+    if fast_bf16(cpu):
+        assert "only 97.0% of the test images" in resolve_precision("auto", card(bf16_top1_agreement=0.97), cpu)[1]
+    assert "no bf16 agreement measured" in resolve_precision("auto", card(), cpu)[1] or not fast_bf16(cpu)
+    assert resolve_precision("bf16", card(), cpu) == ("bf16", "IMGCLS_PRECISION=bf16")
+    assert Settings.from_env({}).precision == "auto"
+    with pytest.raises(SettingsError, match="not one of auto, fp32, bf16, fp16"):
+        Settings.from_env({"IMGCLS_PRECISION": "int8"})

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from imgcls.hardware import fast_bf16
+
 from .progress import Progress
 
 
@@ -27,14 +29,12 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     """auto: bf16 on GPUs that have it and on CPUs with AMX/AVX512-BF16, fp16+scaler on older GPUs, else fp32."""
     if requested == "fp32":
         return Precision(None, False, "fp32")
+    fast = fast_bf16(device)
     if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        if requested == "bf16" or (requested == "auto" and bf16):
+        if requested == "bf16" or (requested == "auto" and fast):
             return Precision(torch.bfloat16, False, "bf16")
         return Precision(torch.float16, True, "fp16")
-    fast_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in
-                    ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    if requested == "bf16" or (requested == "auto" and fast_bf16):
+    if requested == "bf16" or (requested == "auto" and fast):
         return Precision(torch.bfloat16, False, "bf16")
     if requested == "fp16":
         return Precision(torch.float16, False, "fp16")
@@ -131,6 +131,21 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
     loss_total, c1, ck, n = totals.tolist()
     n = max(n, 1)
     return EpochResult(loss_total / n, c1 / n, ck / n, int(n), seconds, wait / seconds if seconds else 0.0)
+
+
+@torch.inference_mode()
+def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype) -> float:
+    """Share of images whose top-1 class is the same under autocast(dtype) as in fp32: whether the
+    server may answer in that precision (serve.predictor reads it from the artifact)."""
+    model.eval()
+    same = total = 0
+    for images, labels in loader:
+        x, _ = batcher(images, labels)
+        reference = model(x).argmax(1)
+        with torch.autocast(device_type=batcher.device.type, dtype=dtype):
+            same += int((model(x).argmax(1) == reference).sum())
+        total += x.shape[0]
+    return same / max(total, 1)
 
 
 @torch.inference_mode()
