@@ -10,7 +10,6 @@ Writes bench/results/serve_latency.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import tempfile
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 
+from bench.images import photo_like_jpegs
 from imgcls import artifact
 from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval
@@ -29,26 +28,7 @@ from serve.predictor import Predictor
 from serve.process import ServeProcess
 from serve.settings import available_cpus, plan_concurrency
 
-
-def photo_like_jpegs(count: int, size=(500, 375), seed=0) -> list[bytes]:
-    """JPEGs with edges, gradients and noise, so decode cost is like a photo's, not a flat colour's."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize(size, Image.Resampling.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(12):
-            x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
-            r = int(rng.integers(10, 80))
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        img = img.filter(ImageFilter.GaussianBlur(0.6))
-        noise = rng.normal(0, 6, (size[1], size[0], 3))
-        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_artifact(base: Path, arch: str, crop: int, classes: int = 10) -> Path:
@@ -59,7 +39,8 @@ def make_artifact(base: Path, arch: str, crop: int, classes: int = 10) -> Path:
     return base / "model"
 
 
-def in_process_ms(model_dir: Path, jpegs: list[bytes], repeats: int, threads: int) -> float:
+def in_process_ms(model_dir: Path, jpegs: list[bytes], repeats: int, threads: int) -> tuple[float, str]:
+    """(median ms of one request's predict, in the precision the server's auto picks), precision"""
     torch.set_num_threads(threads)
     predictor = Predictor.from_model_dir(model_dir)
     predictor.warm_up()
@@ -68,7 +49,20 @@ def in_process_ms(model_dir: Path, jpegs: list[bytes], repeats: int, threads: in
         t = time.perf_counter()
         predictor.predict([jpegs[i % len(jpegs)]])
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return statistics.median(times) * 1000, predictor.precision
+
+
+def bf16_agreement(model_dir: Path, jpegs: list[bytes]) -> float:
+    """Top-1 agreement of bf16 with fp32 on the benchmark's images, recorded in the artifact as the
+    trainer records it on its test images, so the server's precision=auto decides as for a real model."""
+    fp32 = Predictor.from_model_dir(model_dir, precision="fp32").predict(jpegs).argmax(1)
+    bf16 = Predictor.from_model_dir(model_dir, precision="bf16").predict(jpegs).argmax(1)
+    agreement = float((fp32 == bf16).mean())
+    card_path = model_dir / artifact.METADATA_FILE
+    card = json.loads(card_path.read_text())
+    card.setdefault("metrics", {})["bf16_top1_agreement"] = agreement
+    card_path.write_text(json.dumps(card))
+    return agreement
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,21 +89,44 @@ def run_load(server: ServeProcess, jpegs: list[bytes], concurrency: int, total: 
 def bench_arch(arch: str, crop: int, jpegs: list[bytes], requests: int, work: Path) -> dict:
     base = work / arch
     model_dir = make_artifact(base, arch, crop)
+    agreement = bf16_agreement(model_dir, jpegs)
     workers, threads = plan_concurrency(available_cpus(), 0)
-    inproc = in_process_ms(model_dir, jpegs, requests, threads)
-    server = ServeProcess(base, work / f"{arch}-mms")
-    try:
-        server.wait_ready(timeout=300)
-        run_load(server, jpegs, 1, 5)  # warm the HTTP path
-        _, lat1 = run_load(server, jpegs, 1, requests)
-        thr4, _ = run_load(server, jpegs, 4, requests)
-        thr8, _ = run_load(server, jpegs, 8, requests)
-    finally:
-        server.stop()
-    p50 = percentile(lat1, 50)
-    return {"arch": arch, "crop": crop, "workers": workers, "threads": threads, "startup_s": server.ready_after,
-            "in_process_ms": inproc, "p50_ms": p50, "p95_ms": percentile(lat1, 95),
-            "overhead_ms": p50 - inproc, "img_s_c1": 1000 / p50, "img_s_c4": thr4, "img_s_c8": thr8}
+    inproc, precision = in_process_ms(model_dir, jpegs, requests, threads)
+    row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads, "precision": precision,
+           "bf16_top1_agreement": agreement, "in_process_ms": inproc}
+    # ours, then the naive handler on the same server (same workers, same port range, same images)
+    for label, env in (("", {}), ("naive_", {"IMGCLS_HANDLER": "bench.naive_handler:handle",
+                                               "PYTHONPATH": str(ROOT)})):
+        server = ServeProcess(base, work / f"{arch}-{label}mms", **env)
+        try:
+            server.wait_ready(timeout=300)
+            run_load(server, jpegs, 1, 5)  # warm the HTTP path
+            _, lat1 = run_load(server, jpegs, 1, requests)
+            thr4, _ = run_load(server, jpegs, 4, requests)
+            thr8, _ = run_load(server, jpegs, 8, requests) if not label else (None, None)
+        finally:
+            server.stop()
+        row.update({f"{label}startup_s": server.ready_after, f"{label}p50_ms": percentile(lat1, 50),
+                    f"{label}p95_ms": percentile(lat1, 95), f"{label}img_s_c1": 1000 / percentile(lat1, 50),
+                    f"{label}img_s_c4": thr4})
+        if thr8 is not None:
+            row["img_s_c8"] = thr8
+    row["overhead_ms"] = row["p50_ms"] - inproc
+    row["c4_vs_naive"] = row["img_s_c4"] / row["naive_img_s_c4"]
+    return row
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    found = []
+    for r in rows:
+        found += [
+            {"target": f"{r['arch']}: c4 throughput >= 3x the naive handler", "value": r["c4_vs_naive"],
+             "met": r["c4_vs_naive"] >= 3},
+            {"target": f"{r['arch']}: p50 at c1 minus in-process <= 5 ms", "value": r["overhead_ms"],
+             "met": r["overhead_ms"] <= 5},
+            {"target": f"{r['arch']}: start-up to healthy < 20 s", "value": r["startup_s"], "met": r["startup_s"] < 20},
+        ]
+    return found
 
 
 def main() -> None:
@@ -126,17 +143,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         for arch in args.archs.split(","):
             rows.append(bench_arch(arch.strip(), crop, jpegs, requests, Path(tmp)))
-    header = (f"{'arch':<10} {'workers x threads':>17} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
-              f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9}")
+    header = (f"{'arch':<10} {'w x t':>6} {'prec':>5} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
+              f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
+              f"{'vs naive':>9}")
     print(f"JPEG 500x375, crop {crop}, {requests} requests per level, one image per request")
     print(header)
     for r in rows:
-        print(f"{r['arch']:<10} {str(r['workers']) + ' x ' + str(r['threads']):>17} {r['startup_s']:>8.1f} "
-              f"{r['in_process_ms']:>10.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['overhead_ms']:>9.1f} "
-              f"{r['img_s_c1']:>9.1f} {r['img_s_c4']:>9.1f} {r['img_s_c8']:>9.1f}")
+        print(f"{r['arch']:<10} {str(r['workers']) + 'x' + str(r['threads']):>6} {r['precision']:>5} "
+              f"{r['startup_s']:>8.1f} {r['in_process_ms']:>10.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+              f"{r['overhead_ms']:>9.1f} {r['img_s_c1']:>9.1f} {r['img_s_c4']:>9.1f} {r['img_s_c8']:>9.1f} "
+              f"{r['naive_img_s_c4']:>9.1f} {r['c4_vs_naive']:>9.2f}")
+        print(f"{'':<10} bf16 top-1 agreement with fp32: {r['bf16_top1_agreement']:.1%}")
+    met = targets(rows)
+    print("targets")
+    for t in met:
+        print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": available_cpus(),
-                                    "quick": args.quick, "rows": rows}, indent=2))
+                                    "quick": args.quick, "rows": rows, "targets": met}, indent=2))
     print(f"wrote {args.out}")
 
 

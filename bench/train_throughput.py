@@ -1,10 +1,16 @@
-"""Training throughput: images/s of the real trainer pieces, end to end and on in-memory tensors.
+"""Training throughput: images/s of the real trainer pieces, end to end and on in-memory tensors,
+against a naive configuration of the same trainer. Every ratio is measured side by side in one run.
 
-For each architecture, freeze policy and configuration (fp32 NCHW, and the default: channels-last
-with autocast), it measures side by side in one run:
-  synthetic   the training step on random tensors already in memory (the model's own ceiling)
-  end-to-end  train_one_epoch over JPEG files through the data loader and presets, as a job runs
-and prints end-to-end / synthetic, plus default / fp32. Writes bench/results/train_throughput.json.
+Configurations (same `train_one_epoch`, same model, same optimizer):
+  naive       fp32, NCHW, no data-loader workers, per-sample PIL transforms (a course notebook)
+  fp32-nchw   our uint8 data path (tensor transforms, workers from the CPU count), fp32, NCHW
+  default     what a job runs: decode once (cache-images), channels-last, autocast (bf16 on AMX)
+Measurements per (arch, freeze, config):
+  synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
+  end-to-end  train_one_epoch over 500x375 photo-like JPEG files, second epoch (workers warm)
+Accuracy: resnet18 trained naive and default for the same epochs on the same shapes dataset.
+Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
+valid accuracy >= naive. Writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -19,32 +25,93 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as V1
 
+from bench.images import photo_like_jpegs
 from imgcls.models import create_model
-from imgcls.presets import ClassificationPresetTrain
-from train import data, finetune
-from train.engine import Batcher, choose_precision, train_one_epoch
+from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
+from train import cache, data, finetune
+from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.job import auto_workers
 from train.synthetic import make_dataset
 
+E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
 
-def build(arch, classes, freeze, channels_last, device):
-    torch.manual_seed(0)
+
+def build(arch, classes, freeze, channels_last, device, seed=0):
+    torch.manual_seed(seed)
     model = create_model(arch, classes)
     frozen = finetune.frozen_prefixes(model, freeze)
     finetune.apply_freeze(model, frozen)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    opt = finetune.make_optimizer("sgd", finetune.param_groups(model, 1e-4), 0.01, 0.9, 1e-8)
+    opt = finetune.make_optimizer("adamw", finetune.param_groups(model, 0.05), 0.002, 0.9, 1e-8)
     return model, frozen, opt
 
 
-def run_epoch(model, frozen, opt, loader, preset, precision, device, channels_last):
-    batcher = Batcher(device, preset.normalize, channels_last)
-    sched = finetune.warmup_cosine(opt, 10**6, 0)
-    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    return train_one_epoch(model, loader, batcher, nn.CrossEntropyLoss(), opt, sched, precision, scaler, 1,
-                           lambda: finetune.set_train_mode(model, frozen))
+def already_normalized(images, dtype=torch.float32, channels_last=False):
+    """The naive loader hands over float tensors that PIL transforms already normalized."""
+    return images.to(dtype)
+
+
+class NaiveDataset(Dataset):
+    """What course notebooks do: open with PIL, transform each sample on PIL, ToTensor, Normalize."""
+
+    def __init__(self, samples, size: int, train: bool):
+        self.samples = samples
+        steps = ([V1.RandomResizedCrop(size, scale=(0.25, 1.0)), V1.RandomHorizontalFlip()] if train
+                 else [V1.Resize(round(size / 0.875)), V1.CenterCrop(size)])
+        self.transform = V1.Compose([*steps, V1.ToTensor(), V1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+class Setup:
+    """One configuration's loaders, batcher and precision for a channel pair."""
+
+    def __init__(self, config: str, train_ch, valid_ch, size: int, batch: int, workers: int, device, seed=0):
+        self.config, self.device = config, device
+        self.channels_last = config == "default"
+        self.precision = choose_precision("auto" if config == "default" else "fp32", device)
+        preset = ClassificationPresetTrain(size, "light")
+        eval_preset = ClassificationPresetEval(size)
+        if config == "naive":
+            g = torch.Generator().manual_seed(seed)
+            self.train = DataLoader(NaiveDataset(train_ch.samples, size, True), batch, shuffle=True, generator=g,
+                                    drop_last=True)
+            self.valid = DataLoader(NaiveDataset(valid_ch.samples, size, False), 2 * batch) if valid_ch else None
+            self.batcher = Batcher(device, already_normalized, False)
+            self.cache_seconds = 0.0
+            return
+        caches = {}
+        if config == "default":
+            paths = [p for p, _ in train_ch.samples]
+            caches["train"] = cache.DecodedImages(paths, cache.resize_shorter(eval_preset.resize_size), workers + 1)
+            if valid_ch:
+                caches["valid"] = cache.DecodedImages([p for p, _ in valid_ch.samples], eval_preset, workers + 1)
+        self.cache_seconds = sum(c.seconds for c in caches.values())
+        self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
+                                      pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))
+        self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
+                                      seed=seed, workers=workers, pin_memory=device.type == "cuda",
+                                      cache=caches.get("valid")) if valid_ch else None
+        self.batcher = Batcher(device, preset.normalize, self.channels_last)
+
+    def epoch(self, model, frozen, opt, epoch: int):
+        if hasattr(self.train.sampler, "set_epoch"):
+            self.train.sampler.set_epoch(epoch)
+        scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
+        sched = finetune.warmup_cosine(opt, 10**6, 0)
+        return train_one_epoch(model, self.train, self.batcher, nn.CrossEntropyLoss(), opt, sched, self.precision,
+                               scaler, 1, lambda: finetune.set_train_mode(model, frozen))
 
 
 class InMemory:
@@ -63,71 +130,129 @@ class InMemory:
         return self.steps
 
 
+def synthetic_rate(arch, classes, freeze, config, size, batch, steps, device) -> float:
+    channels_last = config == "default"
+    model, frozen, opt = build(arch, classes, freeze, channels_last, device)
+    precision = choose_precision("auto" if config == "default" else "fp32", device)
+    batcher = Batcher(device, ClassificationPresetTrain(size).normalize, channels_last)
+    sched = finetune.warmup_cosine(opt, 10**6, 0)
+    run = lambda n: train_one_epoch(model, InMemory(batch, n, size, classes), batcher, nn.CrossEntropyLoss(),  # noqa: E731
+                                    opt, sched, precision, None, 1, lambda: finetune.set_train_mode(model, frozen))
+    run(2)  # warm-up: allocator, oneDNN kernels
+    return run(steps).images_per_second
+
+
+def photo_channel(root: Path, count: int, classes: int) -> data.Channel:
+    for i, jpeg in enumerate(photo_like_jpegs(count)):
+        folder = root / "train" / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.jpg").write_bytes(jpeg)
+    return data.scan_channel("train", root / "train", workers=2)
+
+
+def throughput(args, device, workers, work: Path) -> list[dict]:
+    classes = 6
+    channel = photo_channel(work / "photos", args.batch * args.steps, classes)
+    rows = []
+    for arch in args.archs.split(","):
+        for freeze in ("backbone", "none"):
+            synthetic = {c: synthetic_rate(arch, classes, freeze, c, args.size, args.batch, args.steps, device)
+                         for c in ("fp32-nchw", "default")}
+            synthetic["naive"] = synthetic["fp32-nchw"]  # same model, layout and precision
+            for config in ("naive", "fp32-nchw", "default"):
+                setup = Setup(config, channel, None, args.size, args.batch, 0 if config == "naive" else workers,
+                              device)
+                model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
+                setup.epoch(model, frozen, opt, 0)  # workers start, allocator warms
+                e2e = setup.epoch(model, frozen, opt, 1)
+                rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
+                             "precision": setup.precision.name, "channels_last": setup.channels_last,
+                             "workers": 0 if config == "naive" else workers,
+                             "synthetic_img_s": synthetic[config], "end_to_end_img_s": e2e.images_per_second,
+                             "e2e_over_synthetic": e2e.images_per_second / synthetic[config],
+                             "data_wait": e2e.data_wait_fraction, "decode_once_s": setup.cache_seconds})
+                print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e.images_per_second:.1f} img/s", flush=True)
+    for r in rows:
+        naive = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"] and b["config"] == "naive")
+        r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"]
+    return rows
+
+
+def accuracy(args, device, workers, work: Path) -> dict:
+    """resnet18 from scratch, naive and default, same data, epochs and seed: valid accuracy of each."""
+    make_dataset(work / "shapes", per_class=args.acc_images, size=args.acc_size * 5 // 4, classes=6,
+                 test_per_class=args.acc_images // 4, seed=1)
+    train_ch = data.scan_channel("train", work / "shapes" / "train", workers=2)
+    valid_ch = data.scan_channel("test", work / "shapes" / "test", workers=2)
+    out = {"arch": "resnet18", "epochs": args.acc_epochs, "train_images": len(train_ch.samples),
+           "valid_images": len(valid_ch.samples), "image_size": args.acc_size}
+    for config in ("naive", "default"):
+        setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, 0 if config == "naive" else workers, device, 3)
+        model, frozen, opt = build("resnet18", 6, "none", setup.channels_last, device, seed=3)
+        start = time.perf_counter()
+        for epoch in range(args.acc_epochs):
+            setup.epoch(model, frozen, opt, epoch)
+        seconds = time.perf_counter() - start + setup.cache_seconds
+        result = evaluate(model, setup.valid, setup.batcher, setup.precision, 1, 6)
+        out[config] = {"valid_acc": result.accuracy, "valid_loss": result.loss, "train_seconds": seconds}
+        print(f"  accuracy {config}: {result.accuracy:.3f} after {args.acc_epochs} epochs ({seconds:.0f} s)", flush=True)
+    out["default_minus_naive"] = out["default"]["valid_acc"] - out["naive"]["valid_acc"]
+    return out
+
+
+def targets(rows: list[dict], acc: dict) -> list[dict]:
+    found = []
+    for r in rows:
+        if r["config"] != "default":
+            continue
+        name = f"{r['arch']} {r['freeze']}"
+        found.append({"target": f"{name}: end-to-end >= {E2E_TARGET} x synthetic", "value": r["e2e_over_synthetic"],
+                      "met": r["e2e_over_synthetic"] >= E2E_TARGET})
+        found.append({"target": f"{name}: default >= {NAIVE_TARGET:g} x naive", "value": r["vs_naive"],
+                      "met": r["vs_naive"] >= NAIVE_TARGET})
+    found.append({"target": f"resnet18 full, {acc['epochs']} epochs: default valid accuracy >= naive",
+                  "value": acc["default_minus_naive"], "met": acc["default_minus_naive"] >= 0})
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that keeps the benchmark working")
     p.add_argument("--archs", default="resnet18,resnet50")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--steps", type=int, help="timed steps per measurement")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
     args = p.parse_args()
-    size = args.image_size or (32 if args.quick else 128)
-    batch = args.batch_size or (4 if args.quick else 32)
-    steps = args.steps or (2 if args.quick else 8)
-    classes = 6
+    args.size, args.batch, args.steps = (32, 4, 2) if args.quick else (128, 32, 8)
+    args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 120, 6)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     workers = auto_workers(os.cpu_count() or 1, 1, device.type == "cuda")
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    per_class = -(-batch * steps // classes)
-    make_dataset(tmp, per_class=per_class, size=int(size * 1.25), classes=classes, seed=0)
-    channel = data.scan_channel("train", tmp / "train", workers=2)
-
-    configs = [("fp32-nchw", "fp32", False), ("default", "auto", True)]
-    rows = []
-    for arch in args.archs.split(","):
-        for freeze in ("backbone", "none"):
-            for label, prec_name, channels_last in configs:
-                precision = choose_precision(prec_name, device)
-                preset = ClassificationPresetTrain(size, "light")
-                model, frozen, opt = build(arch, classes, freeze, channels_last, device)
-                warm = InMemory(batch, 2, size, classes)
-                run_epoch(model, frozen, opt, warm, preset, precision, device, channels_last)
-                synthetic = run_epoch(model, frozen, opt, InMemory(batch, steps, size, classes), preset, precision,
-                                      device, channels_last)
-                loader = data.make_loader(channel, preset, batch, shuffle=True, seed=0, workers=workers,
-                                          pin_memory=device.type == "cuda", drop_last=True)
-                run_epoch(model, frozen, opt, loader, preset, precision, device, channels_last)  # workers start
-                loader.sampler.set_epoch(1)
-                e2e = run_epoch(model, frozen, opt, loader, preset, precision, device, channels_last)
-                rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": label,
-                             "precision": precision.name, "channels_last": channels_last,
-                             "synthetic_img_s": synthetic.images_per_second, "end_to_end_img_s": e2e.images_per_second,
-                             "e2e_over_synthetic": e2e.images_per_second / synthetic.images_per_second,
-                             "data_wait": e2e.data_wait_fraction})
-                r = rows[-1]
-                print(f"  measured {arch} {r['freeze']} {label}: {r['end_to_end_img_s']:.1f} img/s", flush=True)
-    for r in rows:
-        base = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
-                    and b["config"] == "fp32-nchw")
-        r["speedup_vs_fp32"] = r["end_to_end_img_s"] / base["end_to_end_img_s"]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        rows = throughput(args, device, workers, Path(tmp))
+        acc = accuracy(args, device, workers, Path(tmp))
+    met = targets(rows, acc)
 
     print(f"\ntraining throughput, {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-          f"image {size}px, batch {batch}, {steps} steps, {workers} loader workers")
+          f"500x375 JPEGs cropped to {args.size}px, batch {args.batch}, {args.steps} steps, {workers} loader workers")
     header = f"{'arch':<10}{'mode':<8}{'config':<11}{'prec':<6}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
-             f"{'vs fp32':>9}{'wait':>7}"
+             f"{'vs naive':>10}{'wait':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{r['precision']:<6}{r['synthetic_img_s']:>11.1f}"
-              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{r['speedup_vs_fp32']:>9.2f}"
+              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{r['vs_naive']:>10.2f}"
               f"{r['data_wait']:>7.2f}")
+    print(f"\naccuracy ({acc['arch']} full, {acc['epochs']} epochs, {acc['train_images']} train / "
+          f"{acc['valid_images']} valid shapes at {acc['image_size']}px): naive {acc['naive']['valid_acc']:.3f} "
+          f"in {acc['naive']['train_seconds']:.0f} s, default {acc['default']['valid_acc']:.3f} in "
+          f"{acc['default']['train_seconds']:.0f} s")
+    print("\ntargets")
+    for t in met:
+        print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": size, "batch_size": batch,
-        "steps": steps, "workers": workers, "quick": args.quick, "rows": rows}, indent=2))
+        "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
+        "steps": args.steps, "workers": workers, "quick": args.quick, "rows": rows, "accuracy": acc,
+        "targets": met}, indent=2))
     print(f"\nwritten to {args.out}")
 
 

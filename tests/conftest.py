@@ -129,7 +129,7 @@ def debugger_config(job: Job, save_interval: int = 1) -> Path:
     return tensors
 
 
-def train_run(base: Path, hps: dict, zero_weights: bool = False, hook: bool = True) -> Job:
+def train_run(base: Path, hps: dict, zero_weights: bool = False, hook: bool = True, per_class: int = 24) -> Job:
     """A finished real `train` job on the colour dataset, with the debugger hook on unless hook=False;
     zero_weights starts it from an all-zero state dict in the 'pretrained' channel."""
     import torch
@@ -139,7 +139,7 @@ def train_run(base: Path, hps: dict, zero_weights: bool = False, hook: bool = Tr
     job.config.mkdir(parents=True)
     (job.config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
     job.hyperparameters(**hps)
-    colour_dataset(job.data)
+    colour_dataset(job.data, per_class=per_class)
     if zero_weights:
         state = torchvision.models.resnet18(num_classes=len(COLOURS)).state_dict()
         (job.data / "pretrained").mkdir()

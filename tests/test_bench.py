@@ -14,12 +14,19 @@ def test_training_benchmark_quick_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--archs", "resnet18",
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full")
-                                                           for c in ("fp32-nchw", "default")}
+                                                           for c in ("naive", "fp32-nchw", "default")}
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
-    assert "e2e/syn" in result.stdout
+        assert (r["decode_once_s"] > 0) == (r["config"] == "default")
+        assert r["vs_naive"] == pytest.approx(r["end_to_end_img_s"] / next(
+            n["end_to_end_img_s"] for n in rows if n["config"] == "naive" and n["freeze"] == r["freeze"]))
+    acc = report["accuracy"]
+    assert 0 <= acc["naive"]["valid_acc"] <= 1 and 0 <= acc["default"]["valid_acc"] <= 1
+    assert len(report["targets"]) == 5 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert "e2e/syn" in result.stdout and "targets" in result.stdout
 
 
 def test_serving_benchmark_quick_run(tmp_path):

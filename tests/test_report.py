@@ -21,7 +21,8 @@ from train import profile_rules
 
 pytestmark = pytest.mark.slow
 
-GOOD = {"epochs": 4, "batch_size": 8, "label_smoothing": 0.1, "lr": 0.002, "optimizer": "adamw", "warmup_epochs": 0}
+# A calm run: batches of 16, a modest lr with warm-up, label smoothing; 40 images per class.
+GOOD = {"epochs": 5, "batch_size": 16, "label_smoothing": 0.1, "lr": 0.001, "optimizer": "adamw"}
 DIVERGING = {"epochs": 3, "batch_size": 8, "lr": 8, "optimizer": "sgd", "warmup_epochs": 0}
 ZERO_INIT = {"epochs": 1, "batch_size": 8, "lr": 0.002, "optimizer": "adamw", "weights": "pretrained"}
 
@@ -29,7 +30,7 @@ ZERO_INIT = {"epochs": 1, "batch_size": 8, "lr": 0.002, "optimizer": "adamw", "w
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Job]:
     base = tmp_path_factory.mktemp("runs")
-    return {"good": train_run(base / "good", GOOD), "diverging": train_run(base / "diverging", DIVERGING),
+    return {"good": train_run(base / "good", GOOD, per_class=40), "diverging": train_run(base / "diverging", DIVERGING),
             "zero": train_run(base / "zero", ZERO_INIT, zero_weights=True)}
 
 
@@ -71,7 +72,7 @@ def test_a_slow_loader_puts_its_recommendation_in_the_report(runs, tmp_path):
     run = tmp_path / "slow"
     shutil.copytree(runs["good"].output_data, run / "output" / "data")
     # 0.2 s of loading for 0.01 s of compute per step, with no workers on 4 CPUs
-    rows = ["epoch,step,data_wait_s,compute_s,images"] + [f"1,{s},0.2,0.01,8" for s in range(7)]
+    rows = ["epoch,step,data_wait_s,compute_s,images"] + [f"1,{s},0.2,0.01,16" for s in range(6)]
     (run / "output" / "data" / "profile" / "steps.csv").write_text("\n".join(rows) + "\n")
     info = json.loads((run / "output" / "data" / "profile" / "run.json").read_text())
     (run / "output" / "data" / "profile" / "run.json").write_text(json.dumps({**info, "workers": 0, "cpus": 4}))
