@@ -222,7 +222,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
     args = p.parse_args()
     args.size, args.batch, args.steps = (32, 4, 2) if args.quick else (128, 32, 8)
-    args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 120, 6)
+    args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 150, 10)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     workers = auto_workers(os.cpu_count() or 1, 1, device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
