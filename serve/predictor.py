@@ -62,7 +62,7 @@ class Predictor:
             return source
         if isinstance(source, np.ndarray):
             return image_from_array(source, self.max_pixels)
-        return open_image(bytes(source), max_pixels=self.max_pixels)
+        return open_image(bytes(source), max_pixels=self.max_pixels, draft_size=self.preset.decode_size)
 
     def preprocess(self, sources) -> torch.Tensor:
         """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""

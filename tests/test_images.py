@@ -69,3 +69,23 @@ def test_truncated_jpeg_is_an_error():
 def test_pixel_limit():
     with pytest.raises(ImageTooLargeError, match="over the limit"):
         open_image(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_result():
+    """decode_size: a 1600x1200 photo decodes at 1/2 scale (DCT scaling) for a 224 crop; the crop stays
+    within a level or two of full decoding, and the preset records the rule for the server."""
+    from bench.images import photo_like_jpegs
+    from imgcls.images import open_image
+    from imgcls.presets import ClassificationPresetEval
+
+    preset = ClassificationPresetEval(224)
+    assert preset.decode_size == 512
+    jpeg = photo_like_jpegs(1, size=(1600, 1200), seed=4)[0]
+    assert open_image(jpeg, draft_size=preset.decode_size).size == (800, 600)
+    full = preset(open_image(jpeg)).int()
+    drafted = preset(open_image(jpeg, draft_size=preset.decode_size)).int()
+    assert full.shape == drafted.shape == (3, 224, 224)
+    assert (full - drafted).abs().float().mean() < 2.5
+    assert ClassificationPresetEval.from_dict(preset.to_dict()).decode_size == 512
+    legacy = {k: v for k, v in preset.to_dict().items() if k != "decode_size"}  # artifacts before decode_size
+    assert ClassificationPresetEval.from_dict(legacy).decode_size is None

@@ -41,6 +41,7 @@ def _special_images(src: Path, out: Path) -> dict[str, Path]:
         img.save(files[name], **kw)
 
     save("big.jpg", big, quality=92)
+    save("huge.jpg", base.resize((400, 300)), quality=92)  # decoded at 1/4 scale (decode_size) on both sides
     save("gray.png", big.convert("L"))
     rgba = big.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(big.size))
@@ -149,7 +150,7 @@ def test_ping_and_start_up_log(server):
 
 
 @pytest.mark.parametrize("name,ctype", [
-    ("big.jpg", "image/jpeg"), ("gray.png", "image/png"), ("rgba.png", "image/png"), ("cmyk.jpg", "image/jpeg"),
+    ("big.jpg", "image/jpeg"), ("huge.jpg", "image/jpeg"), ("gray.png", "image/png"), ("rgba.png", "image/png"), ("cmyk.jpg", "image/jpeg"),
     ("palette.png", "image/png"), ("photo.webp", "image/webp"), ("gray16.png", "application/x-image"),
     ("rotated.jpg", "image/jpeg"),
 ])

@@ -60,10 +60,11 @@ class DecodedImages:
     """uint8 CHW tensors, one per sample, each `prepare(decoded image)`; decoded by a thread pool
     (Pillow releases the GIL while decoding)."""
 
-    def __init__(self, paths: list[Path], prepare, threads: int):
+    def __init__(self, paths: list[Path], prepare, threads: int, draft_size: int | None = None):
         def load(path: Path) -> torch.Tensor:
             try:
-                return prepare(T.functional.pil_to_tensor(open_image(path))).contiguous()
+                image = open_image(path, draft_size=draft_size)
+                return prepare(T.functional.pil_to_tensor(image)).contiguous()
             except ClassifierError as exc:  # the file changed after the scan
                 raise CacheError(f"{path} became unreadable before training: {exc}") from None
 

@@ -178,7 +178,7 @@ class ImageDataset(Dataset):
         if self.cache is not None:
             return self.transform(self.cache[index]), label
         try:
-            image = open_image(path)
+            image = open_image(path, draft_size=getattr(self.transform, "decode_size", None))
         except ClassifierError as exc:  # the file changed after the scan
             raise DataError(f"{path} became unreadable during training: {exc}") from None
         return self.transform(image), label
