@@ -203,7 +203,19 @@ def aws_cli(env) -> str:
     return str(venv / "bin" / "aws")
 
 
-def test_build_and_push_to_a_registry_with_ecr_on_moto(images, env, build_args, registry, moto, tmp_path):
+@pytest.fixture
+def pushed_tags(env, registry):
+    """Afterwards, untag what the push left in the local store (one set per run would fill the disk)."""
+    yield
+    listing = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], env=env,
+                             capture_output=True, text=True)
+    tags = [t for t in listing.stdout.split() if t.startswith(f"{registry}/")]
+    if tags:
+        subprocess.run(["podman", "rmi", *tags], env=env, capture_output=True)
+
+
+def test_build_and_push_to_a_registry_with_ecr_on_moto(images, env, build_args, registry, moto, tmp_path,
+                                                        pushed_tags):
     registries_conf = tmp_path / "registries.conf"
     registries_conf.write_text(f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n')
     aws_dir = str(Path(aws_cli(env)).parent)
