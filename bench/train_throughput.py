@@ -92,14 +92,9 @@ class Setup:
             self.cache_seconds = 0.0
             return
         caches = {}
-        if config == "default":
-            paths = [p for p, _ in train_ch.samples]
-            draft = eval_preset.decode_size
-            caches["train"] = cache.DecodedImages(paths, cache.resize_shorter(eval_preset.resize_size), workers + 1,
-                                                  draft)
-            if valid_ch:
-                caches["valid"] = cache.DecodedImages([p for p, _ in valid_ch.samples], eval_preset, workers + 1,
-                                                      draft)
+        if config == "default":  # what a job does before its first epoch (cache-images)
+            evals = {"valid": [p for p, _ in valid_ch.samples]} if valid_ch else {}
+            caches = cache.decode_splits([p for p, _ in train_ch.samples], evals, eval_preset, workers + 1)
         self.cache_seconds = sum(c.seconds for c in caches.values())
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
                                       pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from train import outputs  # noqa: E402
+
 MANY = 30   # above this many classes, class names are left off the axes
 
 
@@ -38,18 +40,10 @@ def _log_if_wide(ax, values) -> None:
 
 
 def learning_curves(history: list[dict]) -> str:
-    epochs = [h["epoch"] for h in history]
-    fig, (loss, acc) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for key, label in (("train_loss", "train"), ("valid_loss", "valid")):
-        loss.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_acc", "train top-1"), ("valid_acc", "valid top-1"), ("valid_topk_acc", "valid top-k")):
-        acc.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    _axes(loss, "Loss per epoch (mean per image)", "epoch")
-    _log_if_wide(loss, [h[k] for h in history for k in ("train_loss", "valid_loss")])
-    _axes(acc, "Accuracy per epoch", "epoch")
-    acc.set_ylim(0, 1.02)
-    loss.legend()
-    acc.legend()
+    fig = outputs.learning_curves_figure(history)  # the job's learning_curves.png, drawn once
+    fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    _log_if_wide(fig.axes[0], [h[k] for h in history for k in ("train_loss", "valid_loss")])
     return _uri(fig)
 
 

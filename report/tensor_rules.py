@@ -88,7 +88,7 @@ def rule_classes() -> dict[str, type]:
 
         def invoke_at_step(self, step):
             t = self.train_step(step)
-            if t is None or step not in self.base_trial.tensor(self.names[0]).steps():
+            if t is None or not T.saved(self.base_trial, self.names[0], step):
                 return False
             self.window.append(T.stats(self.base_trial, self.names[0], step).mean)
             if len(self.window) < self.num_steps:
@@ -132,7 +132,7 @@ def rule_classes() -> dict[str, type]:
             t = self.train_step(step)
             if t is None:
                 return False
-            vanished = [n for n in self.names if step in self.base_trial.tensor(n).steps()
+            vanished = [n for n in self.names if T.saved(self.base_trial, n, step)
                         and T.stats(self.base_trial, n, step).mean_abs < self.threshold]
             if not vanished:
                 return False
@@ -163,7 +163,7 @@ def rule_classes() -> dict[str, type]:
 
         def invoke_at_step(self, step):
             for name in self.names:
-                if step not in self.base_trial.tensor(name).steps():
+                if not T.saved(self.base_trial, name, step):
                     continue
                 v = T.stats(self.base_trial, name, step)
                 bad = v.has_nan if self.only_nan else not v.finite
@@ -210,7 +210,7 @@ def rule_classes() -> dict[str, type]:
         def initial_state(self, step, t):
             trial = self.base_trial
             variances = {n: T.stats(trial, n, step).variance for n in self.activations
-                         if step in trial.tensor(n).steps()}
+                         if T.saved(trial, n, step)}
             if variances:
                 dead = [n for n, v in variances.items() if v < 1e-12]
                 if dead:
@@ -224,7 +224,7 @@ def rule_classes() -> dict[str, type]:
                                     f"(threshold {self.threshold:g}): the initialization does not keep activations "
                                     "at one scale")
                     return True
-            grads = [T.value(trial, n, step).ravel() for n in self.gradients if step in trial.tensor(n).steps()]
+            grads = [T.value(trial, n, step).ravel() for n in self.gradients if T.saved(trial, n, step)]
             if grads:
                 values = np.concatenate(grads)
                 # a strided sample of a million values gives the percentiles to well within the threshold
@@ -238,7 +238,7 @@ def rule_classes() -> dict[str, type]:
 
         def loss_flat(self, step):
             trial = self.base_trial
-            if self.losses and step in trial.tensor(self.losses[0]).steps():
+            if self.losses and T.saved(trial, self.losses[0], step):
                 self.seen_losses.append(T.stats(trial, self.losses[0], step).mean)
                 first = self.seen_losses[0]
                 if len(self.seen_losses) > self.patience and np.ptp(self.seen_losses) <= 1e-4 * max(abs(first), 1e-8):

@@ -32,6 +32,7 @@ def open_trial(path: Path):
     from smdebug.trials import create_trial
 
     _stats.clear()
+    _saved.clear()
     trial = create_trial(str(path))
     trial.maybe_refresh()
     if not trial.loaded_all_steps:
@@ -75,6 +76,15 @@ class Stats:
 
 
 _stats: dict[tuple[str, str, int], Stats] = {}
+_saved: dict[tuple[str, str], frozenset[int]] = {}
+
+
+def saved(trial, name: str, global_step: int) -> bool:
+    """Whether `name` was saved at that step; each tensor's steps are listed once per report."""
+    key = (trial.path, name)
+    if key not in _saved:
+        _saved[key] = frozenset(trial.tensor(name).steps())
+    return global_step in _saved[key]
 
 
 def stats(trial, name: str, global_step: int) -> Stats:

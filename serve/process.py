@@ -5,6 +5,7 @@ The child gets its own session, so stop() ends the JVM and its Python workers wi
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import random
@@ -93,14 +94,12 @@ class ServeProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
+            # a server that ignores SIGTERM for 30 s gets the SIGKILL below
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left of the process group (MMS workers)
+        # whatever is left of the process group (MMS workers); an empty group is already done
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None = None,
                headers: dict | None = None, timeout: float = 60) -> tuple[int, str, bytes]:

@@ -9,6 +9,7 @@ server with the reason, instead of leaving an endpoint that looks healthy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -89,17 +90,14 @@ def _own_mms_finder(run_dir: Path):
 
 
 def _stop(procs: list[psutil.Process]) -> None:
+    # A process that exited (or was reaped) between listing and signalling needs nothing more.
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=10)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
 
 
 class Watchdog(threading.Thread):

@@ -130,7 +130,7 @@ def _cgroup_cpu_quota() -> float | None:
             quota, period = fh.read().split()[:2]
             return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        pass
+        pass  # no cgroup v2 CPU limit here: try cgroup v1 below
     try:
         with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
             quota_us, period_us = int(q.read()), int(p.read())

@@ -13,7 +13,6 @@ What is kept is the deterministic prefix of each preset:
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,6 @@ from torchvision.transforms import v2 as T
 from imgcls.errors import ClassifierError
 from imgcls.images import open_image
 
-log = logging.getLogger("train")
 MEMORY_SHARE = 0.25
 
 
@@ -79,3 +77,12 @@ class DecodedImages:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+def decode_splits(train: list[Path], evals: dict[str, list[Path]], eval_preset, threads: int) -> dict[str, DecodedImages]:
+    """The train channel resized to the eval resize size, evaluation channels as their exact eval crop."""
+    draft = eval_preset.decode_size
+    caches = {"train": DecodedImages(train, resize_shorter(eval_preset.resize_size, eval_preset.interpolation),
+                                     threads, draft)}
+    caches.update({name: DecodedImages(paths, eval_preset, threads, draft) for name, paths in evals.items()})
+    return caches

@@ -29,13 +29,10 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     """auto: bf16 on GPUs that have it and on CPUs with AMX/AVX512-BF16, fp16+scaler on older GPUs, else fp32."""
     if requested == "fp32":
         return Precision(None, False, "fp32")
-    fast = fast_bf16(device)
-    if device.type == "cuda":
-        if requested == "bf16" or (requested == "auto" and fast):
-            return Precision(torch.bfloat16, False, "bf16")
-        return Precision(torch.float16, True, "fp16")
-    if requested == "bf16" or (requested == "auto" and fast):
+    if requested == "bf16" or (requested == "auto" and fast_bf16(device)):
         return Precision(torch.bfloat16, False, "bf16")
+    if device.type == "cuda":
+        return Precision(torch.float16, True, "fp16")
     if requested == "fp16":
         return Precision(torch.float16, False, "fp16")
     return Precision(None, False, "fp32")

@@ -88,11 +88,7 @@ def decode_once(cfg: hyperparams.Config, splits: Splits, eval_preset, threads: i
         log.info("decode once: off (%s)", why)
         return {}
     paths = lambda c: [p for p, _ in c.samples]  # noqa: E731
-    draft = eval_preset.decode_size
-    caches = {"train": cache.DecodedImages(paths(splits.train), cache.resize_shorter(eval_preset.resize_size,
-                                                                                      eval_preset.interpolation),
-                                           threads, draft)}
-    caches.update({c.name: cache.DecodedImages(paths(c), eval_preset, threads, draft) for c in evals})
+    caches = cache.decode_splits(paths(splits.train), {c.name: paths(c) for c in evals}, eval_preset, threads)
     log.info("decode once: %s images kept in memory (%.0f MiB, decoded in %.1f s; %s); later epochs skip decoding",
              " + ".join(f"{len(v)} {k}" for k, v in caches.items()), sum(v.nbytes for v in caches.values()) / 2**20,
              sum(v.seconds for v in caches.values()), why)

@@ -38,15 +38,13 @@ def write_confusion(out_dir: Path, confusion: torch.Tensor, class_names: list[st
     return per_class
 
 
-def plot_learning_curves(path: Path, history: list[dict]) -> None:
-    try:
-        import matplotlib
+def learning_curves_figure(history: list[dict]):
+    """Loss and accuracy per epoch, two panels: the job's learning_curves.png and the report's chart."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no learning-curve plot")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train"), ("valid_loss", "valid")):
@@ -60,6 +58,17 @@ def plot_learning_curves(path: Path, history: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(path: Path, history: list[dict]) -> None:
+    try:
+        fig = learning_curves_figure(history)
+    except ImportError:
+        log.info("matplotlib is not installed: no learning-curve plot")
+        return
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
