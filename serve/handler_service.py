@@ -67,10 +67,10 @@ class ImageInferenceHandler(DefaultInferenceHandler):
             torch.set_num_threads(s.threads)
         device = _device_for(context)
         predictor = Predictor.from_model_dir(model_dir, device=device, precision=s.precision,
-                                             chunk_size=s.chunk_size, max_pixels=s.max_pixels)
-        logger.info("loaded %s (%d classes) on %s, %d threads, precision %s (%s)", predictor.card.arch,
+                                             chunk_size=s.chunk_size, max_pixels=s.max_pixels, compile=s.compile)
+        logger.info("loaded %s (%d classes) on %s, %d threads, precision %s (%s), runs %s", predictor.card.arch,
                     len(predictor.class_names), device, torch.get_num_threads(), predictor.precision,
-                    predictor.precision_reason)
+                    predictor.precision_reason, predictor.runner.mode)
         return predictor
 
     def default_model_warmup_fn(self, model_dir, model):

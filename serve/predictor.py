@@ -8,7 +8,6 @@ uint8 crops, stacked, normalized on the device and run as one batch (in chunks o
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from imgcls import artifact
 from imgcls.errors import ClassifierError
 from imgcls.hardware import fast_bf16
 from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
+from imgcls.inference import InferenceModel
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_AGREEMENT = 0.99   # top-1 agreement of bf16 with fp32 on the model's own test images
@@ -41,7 +41,8 @@ def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.de
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
-                 precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 compile: str = "auto"):
         self.device = torch.device(device)
         self.card = card
         self.class_names = card.class_names
@@ -51,6 +52,10 @@ class Predictor:
         self.precision, self.precision_reason = resolve_precision(precision, card, self.device)
         self.autocast_dtype = _DTYPES[self.precision]
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        side = self.preset.crop_size
+        example = self.preset.normalize(torch.zeros((1, 3, side, side), dtype=torch.uint8, device=self.device),
+                                        channels_last=True)
+        self.runner = InferenceModel(self.model, example, self.autocast_dtype, compile)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> Predictor:
@@ -66,6 +71,9 @@ class Predictor:
 
     def preprocess(self, sources) -> torch.Tensor:
         """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""
+        if not len(sources):
+            side = self.preset.crop_size
+            return torch.zeros((0, 3, side, side), dtype=torch.uint8)
         crops = []
         for i, source in enumerate(sources):
             try:
@@ -76,24 +84,19 @@ class Predictor:
                 raise
         return torch.stack(crops)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         x = self.preset.normalize(batch.to(self.device, non_blocking=True), channels_last=True)
-        with self._autocast():
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(self.runner(x), dim=1).cpu().numpy()
+
+    def forward_all(self, crops: torch.Tensor) -> np.ndarray:
+        """Probabilities for a uint8 batch of any size, run in chunks of chunk_size."""
+        out = [self.forward(crops[start:start + self.chunk_size]) for start in range(0, len(crops), self.chunk_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, sources) -> np.ndarray:
         """Probabilities, float32 (len(sources), num_classes)."""
-        out = []
-        for start in range(0, len(sources), self.chunk_size):
-            out.append(self.forward(self.preprocess(sources[start:start + self.chunk_size])))
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        return self.forward_all(self.preprocess(sources))
 
     def warm_up(self, rounds: int = 2) -> None:
         """Run the whole path once or twice so the first real request does not pay for lazy setup."""

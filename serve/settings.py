@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from imgcls.errors import ClassifierError
 from imgcls.images import DEFAULT_MAX_PIXELS
+from imgcls.inference import MODES
 
 MIB = 1024 * 1024
+MAX_CPU_WORKERS = 8
 # SageMaker real-time endpoints accept at most 6 MB per request; batch transform allows more
 # through SAGEMAKER_MAX_PAYLOAD_IN_MB.
 DEFAULT_MAX_PAYLOAD_MB = 6
@@ -43,6 +45,7 @@ class Settings:
     chunk_size: int = 32          # images per forward pass; a bigger request runs in chunks
     threads: int = 0              # intra-op threads per worker; 0 leaves torch's default
     precision: str = "auto"       # auto: bf16 where fast and the artifact's bf16 agreement allows (predictor)
+    compile: str = "auto"         # how the model runs: imgcls.inference (frozen trace on CPU, eager on GPU)
     url: UrlPolicy = UrlPolicy()
 
     @classmethod
@@ -55,6 +58,9 @@ class Settings:
         precision = environ.get("IMGCLS_PRECISION", "auto").strip().lower() or "auto"
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of auto, fp32, bf16, fp16.")
+        compile_mode = environ.get("IMGCLS_COMPILE", "auto").strip().lower() or "auto"
+        if compile_mode not in MODES:
+            raise SettingsError(f"IMGCLS_COMPILE={compile_mode!r} is not one of {', '.join(MODES)}.")
         return cls(
             max_body_bytes=max_body,
             max_pixels=env.integer("IMGCLS_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
@@ -62,6 +68,7 @@ class Settings:
             chunk_size=env.integer("IMGCLS_CHUNK_SIZE", 32, minimum=1),
             threads=env.integer("IMGCLS_THREADS", 0, minimum=0),
             precision=precision,
+            compile=compile_mode,
             url=UrlPolicy(
                 enabled=env.flag("IMGCLS_URL_FETCH"),
                 allow_private=env.flag("IMGCLS_URL_ALLOW_PRIVATE"),
@@ -143,14 +150,16 @@ def plan_concurrency(cpus: int, gpus: int, workers: str | None = None, threads: 
     """(model server workers, intra-op threads per worker) that together use the CPUs once.
 
     MMS's default is one worker per CPU, each with a model copy and torch's default of one
-    thread per CPU: N^2 threads fighting for N cores. On CPU we run few workers with several
-    threads each (a worker per 4 cores); on GPU one worker per GPU.
+    thread per CPU: N^2 threads fighting for N cores. On GPU we run one worker per GPU. On CPU a
+    request is usually one image, and one image keeps a single core busy far better than it
+    keeps several busy: measured on 2 cores, 2 workers x 1 thread answered 1.5x the requests of
+    1 worker x 2 threads at concurrency 4, for about 3 ms more per request at concurrency 1
+    (docs/benchmarks.md). So one single-threaded worker per CPU, up to MAX_CPU_WORKERS (each
+    holds a model copy and a Python process), the threads shared out above that.
+    SAGEMAKER_MODEL_SERVER_WORKERS=1 serves one request at a time with every core instead.
     """
     env = _Env({"SAGEMAKER_MODEL_SERVER_WORKERS": workers or "", "OMP_NUM_THREADS": threads or ""})
-    if gpus > 0:
-        default_workers = gpus
-    else:
-        default_workers = max(1, cpus // 4)
+    default_workers = gpus if gpus > 0 else min(cpus, MAX_CPU_WORKERS)
     n_workers = env.integer("SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
     n_threads = env.integer("OMP_NUM_THREADS", max(1, cpus // n_workers), minimum=1)
     return n_workers, n_threads

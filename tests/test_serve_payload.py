@@ -128,8 +128,9 @@ def test_settings_from_env_and_errors():
 
 
 def test_concurrency_plan_never_oversubscribes():
-    assert plan_concurrency(2, 0) == (1, 2)
-    assert plan_concurrency(16, 0) == (4, 4)
+    assert plan_concurrency(2, 0) == (2, 1)
+    assert plan_concurrency(16, 0) == (8, 2)
+    assert plan_concurrency(2, 0, workers="1") == (1, 2)
     assert plan_concurrency(8, 2) == (2, 4)
     assert plan_concurrency(8, 0, workers="4") == (4, 2)
     assert plan_concurrency(8, 0, workers="2", threads="1") == (2, 1)

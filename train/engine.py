@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from imgcls.hardware import fast_bf16
+from imgcls.inference import InferenceModel
 
 from .progress import Progress
 
@@ -132,16 +133,20 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
 
 @torch.inference_mode()
 def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype) -> float:
-    """Share of images whose top-1 class is the same under autocast(dtype) as in fp32: whether the
-    server may answer in that precision (serve.predictor reads it from the artifact)."""
+    """Share of images whose top-1 class is the same in dtype, run as the endpoint runs the model
+    (imgcls.inference), as in eager fp32: whether the server may answer in that precision
+    (serve.predictor reads it from the artifact)."""
     model.eval()
     same = total = 0
-    for images, labels in loader:
-        x, _ = batcher(images, labels)
-        reference = model(x).argmax(1)
-        with torch.autocast(device_type=batcher.device.type, dtype=dtype):
-            same += int((model(x).argmax(1) == reference).sum())
-        total += x.shape[0]
+    served = None
+    with torch.no_grad():
+        for images, labels in loader:
+            x, _ = batcher(images, labels)
+            reference = model(x).argmax(1)
+            if served is None:
+                served = InferenceModel(model, x[:1], dtype)
+            same += int((served(x).argmax(1) == reference).sum())
+            total += x.shape[0]
     return same / max(total, 1)
 
 

@@ -52,6 +52,7 @@ class Config:
     precision: str = "auto"
     channels_last: bool = True
     cache_images: str = "auto"       # decode each image once and keep it resized in memory (train.cache)
+    compile: bool = False            # torch.compile the training model (inductor); see train.job.compiled
     profile_interval_ms: int = 500   # system monitor interval; 0 turns it off
     profile_steps: str = ""          # "START:COUNT": a torch.profiler trace of those training steps
 
@@ -140,7 +141,7 @@ PARSERS = {
     "augment": _choice(AUGMENT_LEVELS), "patience": _number(int, 0), "seed": _number(int, 0, 2**31 - 1),
     "top_k": _number(int, 1), "valid_fraction": _number(float, 0, 1, low_open=True, high_open=True),
     "num_workers": _workers, "precision": _choice(PRECISIONS), "channels_last": _bool,
-    "cache_images": _choice(("auto", "true", "false")),
+    "cache_images": _choice(("auto", "true", "false")), "compile": _bool,
     "profile_interval_ms": _number(int, 0, 3_600_000), "profile_steps": _steps,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}

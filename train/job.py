@@ -101,6 +101,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compiled(model: nn.Module, wanted: bool, debugger: Debugger) -> nn.Module:
+    """The module the training loop calls: the model itself, or with compile=true its
+    torch.compile wrapper, which shares its parameters (checkpoints and the artifact still save
+    the model). Compiling costs a minute or more per mode (train, eval) before the first step and
+    pays back on long runs; `make bench` measures both on the hardware at hand."""
+    if not wanted:
+        return model
+    if debugger.active:
+        log.warning("compile=true is ignored: the debugger hook needs the eager model (its hooks save "
+                    "tensors from each layer); remove the debugger hook config to compile")
+        return model
+    log.info("compile=true: torch.compile (inductor); the first training and evaluation steps compile")
+    return torch.compile(model)
+
+
 def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) -> dict:
     """Fine-tune, checkpoint each epoch, write the artifact; returns the final metrics."""
     seed_everything(cfg.seed)
@@ -172,6 +187,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                base_dir=job.output_dir.parent)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
+    run_model = compiled(model, cfg.compile, debugger)
     set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
     profile_dir = job.output_data_dir / "profile" if rank.is_main else None
     run_info = {"workers": workers, "cpus": job.num_cpus, "batch_size": cfg.batch_size, "world_size": rank.world_size,
@@ -182,12 +198,12 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
             lr = optimizer.param_groups[0]["lr"]
             progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
             debugger.train_mode()
-            tr = train_one_epoch(model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
+            tr = train_one_epoch(run_model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
                                  top_k, set_mode, progress, reduce=rank.reduce,
                                  on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
             progress.close()
             debugger.eval_mode()
-            va = evaluate(model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+            va = evaluate(run_model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
             record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
                       "train_topk_acc": tr.top_k_accuracy, "valid_loss": va.loss, "valid_acc": va.accuracy,
                       "valid_topk_acc": va.top_k_accuracy, "lr": lr, "images_per_sec": tr.images_per_second,
