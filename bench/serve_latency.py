@@ -94,9 +94,11 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], requests: int, work: Pa
     inproc, precision = in_process_ms(model_dir, jpegs, requests, threads)
     row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads, "precision": precision,
            "bf16_top1_agreement": agreement, "in_process_ms": inproc}
-    # ours, then the naive handler on the same server (same workers, same port range, same images)
+    # ours, the naive handler on the same server (same workers, same port range, same images), and
+    # ours with one worker using every CPU: the plan that trades throughput for latency at rest.
+    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads)}
     for label, env in (("", {}), ("naive_", {"IMGCLS_HANDLER": "bench.naive_handler:handle",
-                                               "PYTHONPATH": str(ROOT)})):
+                                               "PYTHONPATH": str(ROOT)}), ("one_worker_", one_worker)):
         server = ServeProcess(base, work / f"{arch}-{label}mms", **env)
         try:
             server.wait_ready(timeout=300)
@@ -113,6 +115,8 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], requests: int, work: Pa
             row["img_s_c8"] = thr8
     row["overhead_ms"] = row["p50_ms"] - inproc
     row["c4_vs_naive"] = row["img_s_c4"] / row["naive_img_s_c4"]
+    row["one_worker_in_process_ms"], _ = in_process_ms(model_dir, jpegs, requests, workers * threads)
+    row["one_worker_overhead_ms"] = row["one_worker_p50_ms"] - row["one_worker_in_process_ms"]
     return row
 
 
@@ -154,6 +158,10 @@ def main() -> None:
               f"{r['overhead_ms']:>9.1f} {r['img_s_c1']:>9.1f} {r['img_s_c4']:>9.1f} {r['img_s_c8']:>9.1f} "
               f"{r['naive_img_s_c4']:>9.1f} {r['c4_vs_naive']:>9.2f}")
         print(f"{'':<10} bf16 top-1 agreement with fp32: {r['bf16_top1_agreement']:.1%}")
+        print(f"{'':<10} 1 worker x {r['workers'] * r['threads']} threads instead: p50 {r['one_worker_p50_ms']:.1f} ms "
+              f"(in-proc {r['one_worker_in_process_ms']:.1f}, overhead {r['one_worker_overhead_ms']:.1f}), "
+              f"c4 {r['one_worker_img_s_c4']:.1f} img/s; the default plan gives "
+              f"{r['img_s_c4'] / r['one_worker_img_s_c4']:.2f}x its c4 throughput at {r['p50_ms'] - r['one_worker_p50_ms']:+.1f} ms p50")
     met = targets(rows)
     print("targets")
     for t in met:

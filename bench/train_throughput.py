@@ -5,6 +5,8 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
   naive       fp32, NCHW, no data-loader workers, per-sample PIL transforms (a course notebook)
   fp32-nchw   our uint8 data path (tensor transforms, workers from the CPU count), fp32, NCHW
   default     what a job runs: decode once (cache-images), channels-last, autocast (bf16 on AMX)
+  compiled    default with the hyperparameter compile=true (torch.compile); its first epoch
+              includes compiling, reported as "compile s" (extra first-epoch time over default)
 Measurements per (arch, freeze, config):
   synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
   end-to-end  train_one_epoch over 500x375 photo-like JPEG files, second epoch (workers warm)
@@ -79,8 +81,8 @@ class Setup:
 
     def __init__(self, config: str, train_ch, valid_ch, size: int, batch: int, workers: int, device, seed=0):
         self.config, self.device = config, device
-        self.channels_last = config == "default"
-        self.precision = choose_precision("auto" if config == "default" else "fp32", device)
+        self.channels_last = fast(config)
+        self.precision = choose_precision("auto" if fast(config) else "fp32", device)
         preset = ClassificationPresetTrain(size, "light")
         eval_preset = ClassificationPresetEval(size)
         if config == "naive":
@@ -92,7 +94,7 @@ class Setup:
             self.cache_seconds = 0.0
             return
         caches = {}
-        if config == "default":  # what a job does before its first epoch (cache-images)
+        if fast(config):  # what a job does before its first epoch (cache-images)
             evals = {"valid": [p for p, _ in valid_ch.samples]} if valid_ch else {}
             caches = cache.decode_splits([p for p, _ in train_ch.samples], evals, eval_preset, workers + 1)
         self.cache_seconds = sum(c.seconds for c in caches.values())
@@ -128,10 +130,15 @@ class InMemory:
         return self.steps
 
 
+def fast(config: str) -> bool:
+    """default and compiled: channels-last, autocast, decode once."""
+    return config in ("default", "compiled")
+
+
 def synthetic_rate(arch, classes, freeze, config, size, batch, steps, device) -> float:
-    channels_last = config == "default"
+    channels_last = fast(config)
     model, frozen, opt = build(arch, classes, freeze, channels_last, device)
-    precision = choose_precision("auto" if config == "default" else "fp32", device)
+    precision = choose_precision("auto" if fast(config) else "fp32", device)
     batcher = Batcher(device, ClassificationPresetTrain(size).normalize, channels_last)
     sched = finetune.warmup_cosine(opt, 10**6, 0)
     run = lambda n: train_one_epoch(model, InMemory(batch, n, size, classes), batcher, nn.CrossEntropyLoss(),  # noqa: E731
@@ -157,22 +164,31 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
             synthetic = {c: synthetic_rate(arch, classes, freeze, c, args.size, args.batch, args.steps, device)
                          for c in ("fp32-nchw", "default")}
             synthetic["naive"] = synthetic["fp32-nchw"]  # same model, layout and precision
-            for config in ("naive", "fp32-nchw", "default"):
+            synthetic["compiled"] = synthetic["default"]  # the eager ceiling: does compiling raise it?
+            configs = ("naive", "fp32-nchw", "default") + (("compiled",) if arch in args.compile_archs else ())
+            for config in configs:
                 setup = Setup(config, channel, None, args.size, args.batch, 0 if config == "naive" else workers,
                               device)
                 model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
-                setup.epoch(model, frozen, opt, 0)  # workers start, allocator warms
-                e2e = setup.epoch(model, frozen, opt, 1)
+                run_model = torch.compile(model) if config == "compiled" else model
+                first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
+                e2e = setup.epoch(run_model, frozen, opt, 1)
                 rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
                              "precision": setup.precision.name, "channels_last": setup.channels_last,
                              "workers": 0 if config == "naive" else workers,
                              "synthetic_img_s": synthetic[config], "end_to_end_img_s": e2e.images_per_second,
                              "e2e_over_synthetic": e2e.images_per_second / synthetic[config],
-                             "data_wait": e2e.data_wait_fraction, "decode_once_s": setup.cache_seconds})
+                             "data_wait": e2e.data_wait_fraction, "decode_once_s": setup.cache_seconds,
+                             "first_epoch_s": first.seconds})
                 print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e.images_per_second:.1f} img/s", flush=True)
     for r in rows:
         naive = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"] and b["config"] == "naive")
         r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"]
+        if r["config"] == "compiled":
+            default = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
+                           and b["config"] == "default")
+            r["compile_s"] = r["first_epoch_s"] - default["first_epoch_s"]
+            r["vs_default"] = r["end_to_end_img_s"] / default["end_to_end_img_s"]
     return rows
 
 
@@ -217,8 +233,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that keeps the benchmark working")
     p.add_argument("--archs", default="resnet18,resnet50")
+    p.add_argument("--compile-archs", default="resnet18",
+                   help="archs that also run compiled (compile=true); compiling takes minutes on few cores")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
     args = p.parse_args()
+    args.compile_archs = [a.strip() for a in args.compile_archs.split(",") if a.strip()]
     args.size, args.batch, args.steps = (32, 4, 2) if args.quick else (128, 32, 8)
     args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 150, 10)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,9 +254,11 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        compiled = (f"   ({r['vs_default']:.2f}x default after {r['compile_s']:.0f} s compiling)"
+                    if r["config"] == "compiled" else "")
         print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{r['precision']:<6}{r['synthetic_img_s']:>11.1f}"
               f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{r['vs_naive']:>10.2f}"
-              f"{r['data_wait']:>7.2f}")
+              f"{r['data_wait']:>7.2f}{compiled}")
     print(f"\naccuracy ({acc['arch']} full, {acc['epochs']} epochs, {acc['train_images']} train / "
           f"{acc['valid_images']} valid shapes at {acc['image_size']}px): naive {acc['naive']['valid_acc']:.3f} "
           f"in {acc['naive']['train_seconds']:.0f} s, default {acc['default']['valid_acc']:.3f} in "

@@ -17,10 +17,13 @@ def test_training_benchmark_quick_run(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full")
-                                                           for c in ("naive", "fp32-nchw", "default")}
+                                                           for c in ("naive", "fp32-nchw", "default", "compiled")}
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
-        assert (r["decode_once_s"] > 0) == (r["config"] == "default")
+        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled"))
+        if r["config"] == "compiled":
+            assert r["vs_default"] > 0 and r["compile_s"] == pytest.approx(r["first_epoch_s"] - next(
+                d["first_epoch_s"] for d in rows if d["config"] == "default" and d["freeze"] == r["freeze"]))
         assert r["vs_naive"] == pytest.approx(r["end_to_end_img_s"] / next(
             n["end_to_end_img_s"] for n in rows if n["config"] == "naive" and n["freeze"] == r["freeze"]))
     acc = report["accuracy"]
@@ -37,5 +40,6 @@ def test_serving_benchmark_quick_run(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["arch"] == "resnet18" and row["startup_s"] > 0
     assert 0 < row["in_process_ms"] and 0 < row["p50_ms"] <= row["p95_ms"]
-    assert min(row["img_s_c1"], row["img_s_c4"], row["img_s_c8"]) > 0
+    assert min(row["img_s_c1"], row["img_s_c4"], row["img_s_c8"], row["one_worker_img_s_c4"]) > 0
+    assert row["one_worker_overhead_ms"] == pytest.approx(row["one_worker_p50_ms"] - row["one_worker_in_process_ms"])
     assert "in-proc ms" in result.stdout

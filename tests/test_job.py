@@ -271,3 +271,23 @@ def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
     _, card = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
     assert 0 <= card.metrics["bf16_top1_agreement"] <= 1
     assert "bf16 gives the same top-1 class as fp32 on" in result.stdout
+
+
+def test_compile_trains_the_same_model_and_steps_aside_for_the_debugger(tiny_data):
+    """compile=true runs the loop through torch.compile; the artifact is the plain model's."""
+    tiny_data.hyperparameters(compile="true", augment="none")
+    result = tiny_data.run(timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "compile=true: torch.compile (inductor)" in result.stdout
+    history = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
+    assert len(history) == 2 and all(h["train_loss"] == h["train_loss"] for h in history)  # finite, not NaN
+    model, card = artifact.load(tiny_data.model_dir)  # keys without torch.compile's "_orig_mod." prefix
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    assert card.metrics["test_acc"] >= 0
+
+    from tests.conftest import debugger_config
+    debugger_config(tiny_data)
+    result = tiny_data.run(timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "compile=true is ignored: the debugger hook needs the eager model" in result.stdout
+    assert "compile=true: torch.compile" not in result.stdout
