@@ -97,3 +97,12 @@ def test_augmentation_is_reproducible_per_sample(tmp_path):
     c, _ = ds[(2, 0)]
     assert a.dtype == torch.uint8 and a.shape == (3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_synthetic_dataset_is_the_same_for_the_same_seed(tmp_path):
+    """Twice in one process (as tests that compare two runs do): the same files, byte for byte."""
+    for name in ("a", "b"):
+        make_dataset(tmp_path / name, per_class=2, size=24, classes=2, test_per_class=1, seed=4)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 6
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)

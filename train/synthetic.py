@@ -12,6 +12,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
@@ -25,7 +26,11 @@ def _polygon(cx, cy, r, sides, angle):
 def draw(shape: str, size: int, rng: random.Random) -> Image.Image:
     bg = tuple(rng.randint(0, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
-    noise = Image.effect_noise((size, size), rng.uniform(10, 40)).convert("RGB")
+    # Not Image.effect_noise: it draws from C's rand(), so the same seed gave other images on a
+    # second call in one process.
+    sigma = rng.uniform(10, 40)
+    noise_rng = np.random.default_rng(rng.randrange(2**32))
+    noise = Image.fromarray(noise_rng.normal(128, sigma, (size, size)).clip(0, 255).astype(np.uint8)).convert("RGB")
     img = Image.blend(img, noise, 0.25)
     d = ImageDraw.Draw(img)
     fg = tuple((c + rng.randint(90, 166)) % 256 for c in bg)
