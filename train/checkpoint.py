@@ -21,8 +21,9 @@ log = logging.getLogger("train")
 
 FILENAME = "checkpoint.pt"
 # Hyperparameters that may change between a run and its resumption without changing its meaning.
+# processes-per-host (with the instance count) sets the world size: a job resumes with any.
 RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps",
-                     "cache-images"}
+                     "cache-images", "compile", "processes-per-host"}
 
 
 class CheckpointError(ClassifierError):
@@ -46,7 +47,12 @@ def set_rng_state(state: dict) -> None:
 
 def save(directory: Path, state: dict) -> Path:
     path = Path(directory) / FILENAME
-    atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+    try:
+        atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+    except OSError as exc:
+        raise CheckpointError(f"The checkpoint cannot be written to {directory} ({exc.strerror or exc}): it must be "
+                              "a writable folder (the Estimator's checkpoint_local_path, /opt/ml/checkpoints by "
+                              "default).") from None
     return path
 
 
