@@ -340,9 +340,17 @@ def make_estimator(args, settings, aws: Aws, hyperparameters: dict):
 
     image = need(settings, "train_image", "pass --train-image (the first URI build_and_push.sh printed).")
     role = need(settings, "role", "pass --role, set IMGCLS_ROLE or add \"role\" to launch.json.")
+    if args.instance_count < 1:
+        raise LaunchError(f"--instance-count {args.instance_count}: a training job needs at least 1 instance.")
     if args.instance_count > 1:
-        print("warning: instance-count > 1 needs data-parallel training in the image (issue 9); "
-              "each instance would train alone.", file=sys.stderr)
+        # The image needs nothing more: SageMaker's resourceconfig.json names the hosts, every host
+        # gets all the data (FullyReplicated, the SDK's default) and the trainer shards it per rank.
+        print(f"data parallel: {args.instance_count} instances, one process per GPU on each (processes-per-host "
+              "on CPU instances, default 1); batch-size is per process, so the global batch grows with them.",
+              file=sys.stderr)
+        if args.spot:
+            print("warning: with --spot, an interruption of any instance stops them all; the job restarts on "
+                  "all of them and resumes from the last epoch's checkpoint.", file=sys.stderr)
     name = args.job_name or f"{settings['prefix']}-{time.strftime('%Y%m%d-%H%M%S')}"
     kwargs = {}
     if args.spot:
@@ -405,6 +413,12 @@ def train_local_mode(args, settings, hps) -> int:
         explicit = {c: file_uri(str(data / c)) for c in ("train", "valid", "test") if (data / c).is_dir()}
     if "train" not in explicit:
         raise LaunchError("train --local needs --local-data DIR (with train/) or --train PATH.")
+    if args.instance_count > 1 and local_instance_type() == "local_gpu":
+        raise LaunchError("--local with --instance-count > 1 on a GPU machine: the SageMaker SDK's local mode runs "
+                          "a single GPU instance; use --instance-count 1 (one process per GPU), or train in the cloud.")
+    if args.instance_count > 1:
+        print(f"warning: local mode starts {args.instance_count} training containers on this machine, each with "
+              "all the data and its share of the CPUs.", file=sys.stderr)
     output = Path(args.output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     estimator = Estimator(

@@ -38,8 +38,9 @@ mkdir -p "$test_dir/model" "$test_dir/output/data" "$test_dir/checkpoints"
 if [ "$mode" != "--native" ]; then
   source "$here/container.sh"
   # /opt/ml/code stays the image's (the program lives there); the rest is TEST_DIR's. The host
-  # name matches resourceconfig.json, as on SageMaker.
-  exec "$engine" run --rm ${gpus[@]+"${gpus[@]}"} --shm-size "${SHM_SIZE:-2g}" --hostname algo-1 ${EXTRA_RUN_ARGS:-} \
+  # name is resourceconfig.json's current_host, as on SageMaker (algo-2 in a two-host run).
+  host=$(sed -n 's/.*"current_host" *: *"\([^"]*\)".*/\1/p' "$test_dir/input/config/resourceconfig.json" 2>/dev/null | head -n 1 || true)
+  exec "$engine" run --rm ${gpus[@]+"${gpus[@]}"} --shm-size "${SHM_SIZE:-2g}" --hostname "${host:-algo-1}" ${EXTRA_RUN_ARGS:-} \
     -v "$test_dir/input:/opt/ml/input" -v "$test_dir/model:/opt/ml/model" \
     -v "$test_dir/output:/opt/ml/output" -v "$test_dir/checkpoints:/opt/ml/checkpoints" \
     "$mode" train

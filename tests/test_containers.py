@@ -126,6 +126,60 @@ def test_training_image_runs_the_toolkit_and_writes_the_artifact(trained_dir):
     assert json.loads((trained_dir / "output" / "data" / "metrics.json").read_text())["history"]
 
 
+def _ddp_job(base: Path, host: str, hosts: list[str], **hps) -> Path:
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps({"current_host": host, "hosts": hosts,
+                                                             "network_interface_name": "eth0"}))
+    spec = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": spec, "test": spec}))
+    (config / "hyperparameters.json").write_text(json.dumps({**TINY, **hps}))
+    make_dataset(base / "input" / "data", per_class=10, size=32, classes=3, test_per_class=3, seed=1)
+    return base
+
+
+def test_two_training_containers_train_one_model_over_gloo(images, env, tmp_path):
+    """Two hosts as SageMaker runs them: two containers on one network, algo-1 and algo-2 by name,
+    each with its own /opt/ml and resourceconfig.json. They train together over gloo (batch 4 each)
+    and algo-1 alone writes the model, which equals one process training with batch 8."""
+    common = {"freeze": "backbone", "augment": "none", "precision": "fp32", "epochs": "2"}
+    hosts = ["algo-1", "algo-2"]
+    net = f"imgcls-ddp-{os.getpid()}"
+    run(["podman", "network", "create", net], env, 60)
+    procs = {}
+    try:
+        started = time.monotonic()
+        for host in hosts:
+            base = _ddp_job(tmp_path / host, host, hosts, **common, **{"batch-size": "4"})
+            run_env = dict(env, EXTRA_RUN_ARGS=f"--network {net} --name {net}-{host} --network-alias {host}")
+            procs[host] = subprocess.Popen([str(ROOT / "local_test" / "train_local.sh"), images["train"], str(base)],
+                                           env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        logs = {host: proc.communicate(timeout=900)[0] for host, proc in procs.items()}
+        stage_times.append(("two training containers over gloo", time.monotonic() - started))
+    finally:
+        for host, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            subprocess.run(["podman", "rm", "-f", f"{net}-{host}"], env=env, capture_output=True, timeout=120)
+        subprocess.run(["podman", "network", "rm", "-f", net], env=env, capture_output=True, timeout=120)
+    for host, proc in procs.items():
+        assert proc.returncode == 0, f"{host}:\n{logs[host][-4000:]}"
+    assert "data parallel: 2 hosts x 1 processes = 2 ranks; this host is node 0; master algo-1:29500" in logs["algo-1"]
+    assert "this host is node 1; master algo-1:29500" in logs["algo-2"]
+    assert "batch size 4 per process x 2 processes = global batch 8" in logs["algo-1"]
+    assert logs["algo-1"].count("[metrics] epoch=") == 2 and "[metrics]" not in logs["algo-2"]
+    assert (tmp_path / "algo-1" / "model" / "model.pt").is_file()
+    assert not any((tmp_path / "algo-2" / "model").iterdir())  # one model, from rank 0
+
+    single = _ddp_job(tmp_path / "single", "algo-1", ["algo-1"], **common, **{"batch-size": "8"})
+    run([str(ROOT / "local_test" / "train_local.sh"), "--native", str(single)], env, 600)
+    ours = torch.load(tmp_path / "algo-1" / "model" / "model.pt", map_location="cpu", weights_only=True)
+    alone = torch.load(single / "model" / "model.pt", map_location="cpu", weights_only=True)
+    for name, value in alone.items():
+        if value.is_floating_point():
+            assert torch.allclose(ours[name], value, atol=1e-4), name
+
+
 def test_training_image_reports_a_bad_hyperparameter(images, env, trained_dir, tmp_path):
     base = tmp_path / "bad"
     shutil.copytree(trained_dir / "input", base / "input")

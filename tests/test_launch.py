@@ -417,3 +417,18 @@ def test_report_downloads_a_jobs_output_and_tensors(uploaded, capsys, tmp_path):
     assert run(["train", "--job-name", "job-no-output"], capsys)[0] == 0
     code, _, _, err = run(["report", "job-no-output"], capsys)
     assert code == 2 and "has no s3://imgcls-test/imgcls/output/job-no-output/output/output.tar.gz" in err
+
+
+def test_train_on_several_instances(uploaded, capsys):
+    code, rec, out, err = run(["train", "--instance-count", "2", "--instance-type", "ml.g5.12xlarge", "--spot",
+                               "--hp", "processes-per-host=auto", "--job-name", "job-ddp"], capsys)
+    assert code == 0, err
+    req = rec.one("CreateTrainingJob")
+    assert req["ResourceConfig"]["InstanceCount"] == 2 and req["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
+    # Every host gets all the data; the trainer shards it per rank.
+    assert {c["DataSource"]["S3DataSource"]["S3DataDistributionType"] for c in req["InputDataConfig"]} == \
+        {"FullyReplicated"}
+    assert req["HyperParameters"]["processes-per-host"].strip('"') == "auto"
+    assert "data parallel: 2 instances" in err and "with --spot, an interruption of any instance" in err
+    code, rec, _, err = run(["train", "--instance-count", "0", "--job-name", "job-none"], capsys)
+    assert code != 0 and "at least 1 instance" in err and "CreateTrainingJob" not in rec.ops()

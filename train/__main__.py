@@ -1,3 +1,3 @@
-from .job import main
+from .launcher import main
 
 raise SystemExit(main())

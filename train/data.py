@@ -134,6 +134,12 @@ class EpochSampler(Sampler):
 
     Data order and augmentation then depend on nothing but the seed and the epoch: not on the
     worker count, not on persistent workers, and not on where a resumed job restarted.
+
+    With several ranks each takes every world_size-th index of the epoch's order, so the k-th
+    batches of all ranks together are the k-th batch a single process would train on with the
+    global batch size. A shuffled (training) order is padded from its start to a multiple of
+    world_size: every rank runs the same number of steps, which DDP needs. An evaluation order
+    is not padded, so that each image is counted once.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
@@ -147,14 +153,17 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return list(range(self.size))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=g).tolist()
+        order = torch.randperm(self.size, generator=g).tolist()
+        padding = -len(order) % self.world_size
+        return order + (order * (padding // max(len(order), 1) + 1))[:padding]
 
     def __iter__(self):
         indices = self._indices()[self.rank::self.world_size]
         return iter([(self.epoch, i) for i in indices])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
+        total = self.size + (-self.size % self.world_size if self.shuffle else 0)
+        return len(range(self.rank, total, self.world_size))
 
 
 def identity(image):

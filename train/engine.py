@@ -132,7 +132,7 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
 
 
 @torch.inference_mode()
-def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype) -> float:
+def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype, reduce=None) -> float:
     """Share of images whose top-1 class is the same in dtype, run as the endpoint runs the model
     (imgcls.inference), as in eager fp32: whether the server may answer in that precision
     (serve.predictor reads it from the artifact)."""
@@ -147,6 +147,8 @@ def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtyp
                 served = InferenceModel(model, x[:1], dtype)
             same += int((served(x).argmax(1) == reference).sum())
             total += x.shape[0]
+    if reduce is not None:
+        same, total = (int(v) for v in reduce(torch.tensor([same, total], dtype=torch.long, device=batcher.device)))
     return same / max(total, 1)
 
 

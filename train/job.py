@@ -78,11 +78,13 @@ def auto_workers(num_cpus: int, world_size: int, on_gpu: bool) -> int:
     return min(16, per_process) if on_gpu else max(1, per_process // 2)
 
 
-def decode_once(cfg: hyperparams.Config, splits: Splits, eval_preset, threads: int) -> dict[str, cache.DecodedImages]:
-    """Per channel name, its decoded images when they are to be kept in memory (cache-images)."""
+def decode_once(cfg: hyperparams.Config, splits: Splits, eval_preset, threads: int,
+                copies: int = 1) -> dict[str, cache.DecodedImages]:
+    """Per channel name, its decoded images when they are to be kept in memory (cache-images).
+    copies: processes on this host that each keep their own (data-parallel ranks)."""
     evals = [c for c in (splits.valid, splits.test) if c is not None]
-    needed = cache.estimate_bytes(len(splits.train.samples), sum(len(c.samples) for c in evals),
-                                  eval_preset.resize_size, eval_preset.crop_size)
+    needed = copies * cache.estimate_bytes(len(splits.train.samples), sum(len(c.samples) for c in evals),
+                                           eval_preset.resize_size, eval_preset.crop_size)
     use, why = cache.should_cache(cfg.cache_images, needed)
     if not use:
         log.info("decode once: off (%s)", why)
@@ -101,7 +103,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compiled(model: nn.Module, wanted: bool, debugger: Debugger) -> nn.Module:
+def compiled(model: nn.Module, wanted: bool, debugger: Debugger, quiet: bool = False) -> nn.Module:
     """The module the training loop calls: the model itself, or with compile=true its
     torch.compile wrapper, which shares its parameters (checkpoints and the artifact still save
     the model). Compiling costs a minute or more per mode (train, eval) before the first step and
@@ -109,10 +111,12 @@ def compiled(model: nn.Module, wanted: bool, debugger: Debugger) -> nn.Module:
     if not wanted:
         return model
     if debugger.active:
-        log.warning("compile=true is ignored: the debugger hook needs the eager model (its hooks save "
-                    "tensors from each layer); remove the debugger hook config to compile")
+        if not quiet:
+            log.warning("compile=true is ignored: the debugger hook needs the eager model (its hooks save "
+                        "tensors from each layer); remove the debugger hook config to compile")
         return model
-    log.info("compile=true: torch.compile (inductor); the first training and evaluation steps compile")
+    if not quiet:
+        log.info("compile=true: torch.compile (inductor); the first training and evaluation steps compile")
     return torch.compile(model)
 
 
@@ -121,6 +125,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     seed_everything(cfg.seed)
     on_gpu = torch.cuda.is_available()
     device = torch.device(f"cuda:{rank.local_rank}" if on_gpu else "cpu")
+    rank.start(device)
     workers = cfg.num_workers if cfg.num_workers >= 0 else auto_workers(job.num_cpus, rank.world_size, on_gpu)
     for name in job.ignored_channels:
         log.warning("channel '%s' is not one of train, valid, test, pretrained: ignored", name)
@@ -143,18 +148,25 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     train_preset = ClassificationPresetTrain(cfg.image_size, cfg.augment)
     eval_preset = ClassificationPresetEval(cfg.image_size)
     n_train = len(splits.train.samples)
-    caches = decode_once(cfg, splits, eval_preset, threads=job.num_cpus)
+    caches = decode_once(cfg, splits, eval_preset, threads=max(1, job.num_cpus // rank.local_world_size),
+                         copies=rank.local_world_size)
+    per_rank = len(data.EpochSampler(n_train, cfg.seed, True, rank.rank, rank.world_size))
     train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                     workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
-                                    drop_last=n_train % cfg.batch_size == 1,  # a batch of one breaks BatchNorm
+                                    drop_last=per_rank % cfg.batch_size == 1,  # a batch of one breaks BatchNorm
                                     cache=caches.get("train"))
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=on_gpu,
-                                             cache=caches.get(c.name))
+                                             rank=rank.rank, world_size=rank.world_size, cache=caches.get(c.name))
                     for c in (splits.valid, splits.test) if c is not None}
-    log.info("data: batch size %d, %d steps per epoch, %d data-loader workers", cfg.batch_size,
-             len(train_loader), workers)
+    if rank.world_size > 1:
+        log.info("data: batch size %d per process x %d processes = global batch %d, %d steps per epoch, "
+                 "%d data-loader workers per process", cfg.batch_size, rank.world_size, cfg.batch_size * rank.world_size,
+                 len(train_loader), workers)
+    else:
+        log.info("data: batch size %d, %d steps per epoch, %d data-loader workers", cfg.batch_size,
+                 len(train_loader), workers)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = finetune.make_optimizer(cfg.optimizer, finetune.param_groups(model, cfg.weight_decay),
@@ -176,6 +188,13 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("steps_per_epoch", steps) != steps:
+            # Resumed with another world size: the schedule continues from the same epoch, not step.
+            scheduler.last_epoch = resumed["epoch"] * steps
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            log.info("resumed with %d steps per epoch (the checkpoint had %d): learning-rate schedule rescaled",
+                     steps, resumed["steps_per_epoch"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         checkpoint.set_rng_state(resumed["rng"])
@@ -187,7 +206,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                base_dir=job.output_dir.parent)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
-    run_model = compiled(model, cfg.compile, debugger)
+    # DDP for the training steps only: evaluation shards are uneven and need no gradient sync.
+    run_model = compiled(rank.wrap(model, device), cfg.compile, debugger)
+    eval_model = compiled(model, cfg.compile, debugger, quiet=True)
     set_mode = lambda: finetune.set_train_mode(model, frozen)  # noqa: E731
     profile_dir = job.output_data_dir / "profile" if rank.is_main else None
     run_info = {"workers": workers, "cpus": job.num_cpus, "batch_size": cfg.batch_size, "world_size": rank.world_size,
@@ -203,7 +224,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                  on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
             progress.close()
             debugger.eval_mode()
-            va = evaluate(run_model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
+            va = evaluate(eval_model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
             record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
                       "train_topk_acc": tr.top_k_accuracy, "valid_loss": va.loss, "valid_acc": va.accuracy,
                       "valid_topk_acc": va.top_k_accuracy, "lr": lr, "images_per_sec": tr.images_per_second,
@@ -223,7 +244,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                     "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": checkpoint.rng_state(), "best": best, "bad_epochs": bad_epochs, "history": history,
-                    "hyperparameters": hps, "classes": classes})
+                    "hyperparameters": hps, "classes": classes, "steps_per_epoch": steps,
+                    "world_size": rank.world_size})
             if stop:
                 log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
                          cfg.patience, best["loss"], best["epoch"])
@@ -244,7 +266,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         test = {"test_loss": result.loss, "test_acc": result.accuracy, "test_topk_acc": result.top_k_accuracy}
         log.info(metrics.test_line(test))
         final.update(test)
-    final["bf16_top1_agreement"] = top1_agreement(model, eval_loaders[report_channel], batcher, torch.bfloat16)
+    final["bf16_top1_agreement"] = top1_agreement(model, eval_loaders[report_channel], batcher, torch.bfloat16,
+                                                  reduce=rank.reduce)
     log.info("bf16 gives the same top-1 class as fp32 on %.1f%% of the %s images (the server answers in bf16 "
              "where the hardware is fast at it and this is at least 99%%)", 100 * final["bf16_top1_agreement"],
              report_channel)
@@ -290,13 +313,20 @@ def explain(exc: BaseException) -> tuple[str, bool]:
             "please report it with the job's log."), True
 
 
-def write_failure(path: Path, exc: BaseException) -> None:
+def write_failure(path: Path, exc: BaseException, who: str = "") -> None:
+    """SageMaker shows the failure file's first line as the job's FailureReason. who: which rank
+    failed, in a data-parallel job, where the first rank to fail writes it and later ones (whose
+    peer went away) do not overwrite it."""
     sentence, with_traceback = explain(exc)
+    sentence = f"{who}: {sentence}" if who else sentence
     details = "".join(traceback.format_exception(exc)) if with_traceback else f"{type(exc).__name__}\n"
     log.error("%s", sentence)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{sentence}\n\n{details}")
+        with open(path, "x" if who else "w") as fh:
+            fh.write(f"{sentence}\n\n{details}")
+    except FileExistsError:
+        pass  # another rank failed first; its message is the job's
     except OSError as write_exc:
         log.error("could not write the failure file %s: %s", path, write_exc)
 
@@ -315,8 +345,10 @@ def main(environ=os.environ) -> int:
         log.info("training finished in %.1f s", time.perf_counter() - start)
         return 0
     except (Exception, KeyboardInterrupt) as exc:
-        if rank.is_main:
-            write_failure(failure, exc)
+        who = f"rank {rank.rank} of {rank.world_size} ({environ.get('SM_CURRENT_HOST', 'this host')})" \
+            if rank.world_size > 1 else ""
+        write_failure(failure, exc, who)
         return 1
     finally:
+        rank.stop()
         sys.stdout.flush()
