@@ -170,3 +170,12 @@ def test_debugger_hook_writes_once_and_the_report_reads_it(tmp_path):
     losses = batch_losses(trial)
     assert len(losses) == 2 * 3  # 2 epochs x 3 steps of the global batch, each saved once
     assert all(loss == loss for _, loss in losses)
+
+
+def test_loader_workers_share_the_host_between_its_processes():
+    from train.job import auto_workers
+
+    assert auto_workers(16, 1, on_gpu=True) == 16
+    assert auto_workers(16, 4, on_gpu=True) == 4     # 4 GPUs on the host: 4 workers each
+    assert auto_workers(8, 2, on_gpu=False) == 2     # CPU host: half of each process's share
+    assert auto_workers(2, 4, on_gpu=False) == 1

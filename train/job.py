@@ -72,8 +72,8 @@ def load_data(cfg: hyperparams.Config, channels: dict[str, Path], scan_workers: 
     return Splits(train_ch, valid_ch, test_ch)
 
 
-def auto_workers(num_cpus: int, world_size: int, on_gpu: bool) -> int:
-    per_process = max(1, num_cpus // world_size)
+def auto_workers(num_cpus: int, processes_on_host: int, on_gpu: bool) -> int:
+    per_process = max(1, num_cpus // processes_on_host)
     # On a CPU host the model shares the cores with decoding, so leave it half of them.
     return min(16, per_process) if on_gpu else max(1, per_process // 2)
 
@@ -126,7 +126,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     on_gpu = torch.cuda.is_available()
     device = torch.device(f"cuda:{rank.local_rank}" if on_gpu else "cpu")
     rank.start(device)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_workers(job.num_cpus, rank.world_size, on_gpu)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_workers(job.num_cpus, rank.local_world_size, on_gpu)
     for name in job.ignored_channels:
         log.warning("channel '%s' is not one of train, valid, test, pretrained: ignored", name)
 
