@@ -26,6 +26,7 @@ from . import (
     checkpoint,
     contract,
     data,
+    device_decode,
     distributed,
     finetune,
     hyperparams,
@@ -151,10 +152,22 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     caches = decode_once(cfg, splits, eval_preset, threads=max(1, job.num_cpus // rank.local_world_size),
                          copies=rank.local_world_size)
     per_rank = len(data.EpochSampler(n_train, cfg.seed, True, rank.rank, rank.world_size))
-    train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                    workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
-                                    drop_last=per_rank % cfg.batch_size == 1,  # a batch of one breaks BatchNorm
-                                    cache=caches.get("train"))
+    drop_last = per_rank % cfg.batch_size == 1  # a batch of one breaks BatchNorm
+    batcher = Batcher(device, train_preset.normalize, cfg.channels_last)
+    if cfg.gpu_decode and "train" not in caches:
+        log.info("gpu-decode: training JPEGs decode a batch at a time on %s (nvJPEG on a GPU)%s", device,
+                 "" if on_gpu else "; on a CPU this only moves decoding from the workers to the training process")
+        train_loader = device_decode.make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                                 workers=workers, drop_last=drop_last, rank=rank.rank,
+                                                 world_size=rank.world_size)
+        train_batcher = device_decode.DeviceDecoder(device, train_preset, cfg.seed, cfg.channels_last)
+    else:
+        if cfg.gpu_decode:
+            log.info("gpu-decode: off, the training images are already decoded in memory (cache-images)")
+        train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                        workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
+                                        drop_last=drop_last, cache=caches.get("train"))
+        train_batcher = batcher
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=on_gpu,
@@ -174,7 +187,6 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     steps = len(train_loader)
     scheduler = finetune.warmup_cosine(optimizer, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    batcher = Batcher(device, train_preset.normalize, cfg.channels_last)
 
     hps = cfg.as_hyperparameters()
     history: list[dict] = []
@@ -219,7 +231,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
             lr = optimizer.param_groups[0]["lr"]
             progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
             debugger.train_mode()
-            tr = train_one_epoch(run_model, train_loader, batcher, criterion, optimizer, scheduler, precision, scaler,
+            tr = train_one_epoch(run_model, train_loader, train_batcher, criterion, optimizer, scheduler, precision, scaler,
                                  top_k, set_mode, progress, reduce=rank.reduce,
                                  on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
             progress.close()
