@@ -179,3 +179,7 @@ def test_loader_workers_share_the_host_between_its_processes():
     assert auto_workers(16, 4, on_gpu=True) == 4     # 4 GPUs on the host: 4 workers each
     assert auto_workers(8, 2, on_gpu=False) == 2     # CPU host: half of each process's share
     assert auto_workers(2, 4, on_gpu=False) == 1
+    # Images decoded once in memory: on few cores the training process crops them itself.
+    assert auto_workers(2, 1, on_gpu=False, cached=True) == 0
+    assert auto_workers(8, 1, on_gpu=False, cached=True) == 2
+    assert auto_workers(16, 1, on_gpu=True, cached=True) == 16
