@@ -71,9 +71,6 @@ class Predictor:
 
     def preprocess(self, sources) -> torch.Tensor:
         """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""
-        if not len(sources):
-            side = self.preset.crop_size
-            return torch.zeros((0, 3, side, side), dtype=torch.uint8)
         crops = []
         for i, source in enumerate(sources):
             try:
@@ -89,14 +86,11 @@ class Predictor:
         x = self.preset.normalize(batch.to(self.device, non_blocking=True), channels_last=True)
         return torch.softmax(self.runner(x), dim=1).cpu().numpy()
 
-    def forward_all(self, crops: torch.Tensor) -> np.ndarray:
-        """Probabilities for a uint8 batch of any size, run in chunks of chunk_size."""
-        out = [self.forward(crops[start:start + self.chunk_size]) for start in range(0, len(crops), self.chunk_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
-
     def predict(self, sources) -> np.ndarray:
         """Probabilities, float32 (len(sources), num_classes)."""
-        return self.forward_all(self.preprocess(sources))
+        out = [self.forward(self.preprocess(sources[start:start + self.chunk_size]))
+               for start in range(0, len(sources), self.chunk_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def warm_up(self, rounds: int = 2) -> None:
         """Run the whole path once or twice so the first real request does not pay for lazy setup."""

@@ -166,6 +166,11 @@ class EpochSampler(Sampler):
         return len(range(self.rank, total, self.world_size))
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch (every decoding path uses it)."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % 2**63
+
+
 def identity(image):
     """The transform of a channel whose cache already holds the preset's output."""
     return image
@@ -183,7 +188,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
         if self.cache is not None:
             return self.transform(self.cache[index]), label
         try:

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from imgcls.images import open_image
 
-from .data import Channel, EpochSampler
+from .data import Channel, EpochSampler, sample_seed
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -53,8 +54,7 @@ class EncodedImages(Dataset):
         data = Path(path).read_bytes()
         if data[:3] == JPEG_MAGIC:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, key, True
-        from torchvision.transforms.v2.functional import pil_to_tensor
-        return pil_to_tensor(open_image(data)), label, key, False
+        return _cpu_decode(data), label, key, False
 
 
 def collate(items) -> tuple[EncodedBatch, torch.Tensor]:
@@ -84,7 +84,7 @@ class DeviceDecoder:
                                        apply_exif_orientation=True)) if jpegs else iter(())
         except RuntimeError:
             # One image nvJPEG cannot read fails the whole call: decode this batch on the CPU.
-            decoded = iter(_cpu_decode(p) for p in jpegs)
+            decoded = iter(_cpu_decode(p.numpy().tobytes()) for p in jpegs)
         return [next(decoded).to(self.device) if j else p.to(self.device, non_blocking=True)
                 for p, j in zip(batch.payloads, batch.jpeg, strict=True)]
 
@@ -95,7 +95,7 @@ class DeviceDecoder:
         # change the training process's own random stream (checkpointed for exact resumes).
         with torch.random.fork_rng(devices=[]):
             for image, (epoch, index) in zip(self.decode(batch), batch.keys, strict=True):
-                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
                 out.append(self.preset(image))
         return torch.stack(out)
 
@@ -104,6 +104,6 @@ class DeviceDecoder:
         return x, labels.to(self.device, non_blocking=True)
 
 
-def _cpu_decode(payload: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import pil_to_tensor
-    return pil_to_tensor(open_image(payload.numpy().tobytes()))
+def _cpu_decode(data: bytes) -> torch.Tensor:
+    """uint8 CHW, decoded as the worker path decodes (upright RGB)."""
+    return pil_to_tensor(open_image(data))

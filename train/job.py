@@ -180,13 +180,10 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=on_gpu,
                                              rank=rank.rank, world_size=rank.world_size, cache=caches.get(c.name))
                     for c in (splits.valid, splits.test) if c is not None}
-    if rank.world_size > 1:
-        log.info("data: batch size %d per process x %d processes = global batch %d, %d steps per epoch, "
-                 "%d data-loader workers per process", cfg.batch_size, rank.world_size, cfg.batch_size * rank.world_size,
-                 len(train_loader), workers)
-    else:
-        log.info("data: batch size %d, %d steps per epoch, %d data-loader workers", cfg.batch_size,
-                 len(train_loader), workers)
+    per_process = (f" per process x {rank.world_size} processes = global batch {cfg.batch_size * rank.world_size}"
+                   if rank.world_size > 1 else "")
+    log.info("data: batch size %d%s, %d steps per epoch, %d data-loader workers%s", cfg.batch_size, per_process,
+             len(train_loader), workers, " per process" if rank.world_size > 1 else "")
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = finetune.make_optimizer(cfg.optimizer, finetune.param_groups(model, cfg.weight_decay),
