@@ -21,6 +21,8 @@ Settings come from flags, then the environment, then a JSON file (--config, defa
   prefix       --prefix        IMGCLS_PREFIX (default imgcls)       "prefix"
   train image  --train-image   IMGCLS_TRAIN_IMAGE                   "train_image"
   serve image  --serve-image   IMGCLS_SERVE_IMAGE                   "serve_image"
+  local root                   IMGCLS_LOCAL_ROOT                    "local_root"   (--local's work folders;
+                                                                                    default: the system's temp)
 
 --dry-run (train, tune, deploy, transform) prints the API request the SDK would send and stops
 before sending it. Errors are one line on stderr and exit status 2.
@@ -75,6 +77,7 @@ SETTINGS = {
     "prefix": ("IMGCLS_PREFIX",),
     "train_image": ("IMGCLS_TRAIN_IMAGE",),
     "serve_image": ("IMGCLS_SERVE_IMAGE",),
+    "local_root": ("IMGCLS_LOCAL_ROOT",),
 }
 
 
@@ -176,6 +179,12 @@ def local_session(settings: dict):
 
     session = LocalSession(boto_session=boto3.Session(region_name=settings.get("region") or "us-east-1"))
     session.config = {"local": {"local_code": True}}
+    if settings.get("local_root"):
+        # The SDK leaves each run's compose file and artifacts in a folder under this root, and
+        # never deletes them: a root the user can clear (or a test's own folder) keeps /tmp clean.
+        root = Path(settings["local_root"]).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        session.config["local"]["container_root"] = str(root)
     return session
 
 
@@ -582,7 +591,13 @@ def tune_local(args, settings) -> int:
     metric, direction = OBJECTIVES[args.objective]
     definitions = metric_definitions()
     root = Path(__file__).resolve().parent
-    work = Path(tempfile.mkdtemp(prefix="tune-local-"))
+    if args.work_dir:
+        work = Path(args.work_dir).resolve()
+        if work.exists() and any(work.iterdir()):
+            raise LaunchError(f"--work-dir {work} is not empty; name a new or empty folder (trials are written there).")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="tune-local-"))
 
     def objective(trial: optuna.Trial) -> float:
         hps = {**base_hps, "lr": str(trial.suggest_float("lr", lo, hi, log=True)),
@@ -622,9 +637,27 @@ def tune_local(args, settings) -> int:
     if not done:
         raise LaunchError(f"no trial completed; their logs are in {work}.")
     best = study.best_trial
+    _keep_only_best(work, best.number, [t.number for t in study.trials])
     print(f"best trial {best.number}: {metric}={best.value:.5g} " +
           " ".join(f"{k}={v}" for k, v in best.params.items()))
+    print(f"best trial's model: {work / f'trial-{best.number}' / 'model'}")
     return 0
+
+
+def _keep_only_best(work: Path, best: int, numbers: list[int]) -> None:
+    """Every trial leaves a model and checkpoints (hundreds of MB for resnet50): keep the best trial
+    whole, and of the others only a failed trial's log."""
+    import shutil
+
+    for number in numbers:
+        folder = work / f"trial-{number}"
+        if number == best or not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name != "trial.log":
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,6 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-data", help="class folders on disk")
     g.add_argument("--image", help="run trials in this training image (default: natively, in .venv)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--work-dir", help="empty folder for the trials (default: a new temporary folder); the best "
+                                      "trial is kept whole, other trials only as the log of a failure")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("best", parents=[common], help="the best job of a tuning job, and a table of all")

@@ -75,20 +75,32 @@ def build_args(base_image) -> list[str]:
     return args
 
 
+def remove_containers_of(env, refs) -> None:
+    """SageMaker local mode (docker compose) leaves its stopped containers behind, and they pin the
+    image they ran: one set per CI run would fill the disk."""
+    for ref in refs:
+        listing = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"ancestor={ref}"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        if listing.stdout.split():
+            subprocess.run(["podman", "rm", "-f", *listing.stdout.split()], env=env, capture_output=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
-def images(env, build_args) -> dict[str, str]:
+def images(env, build_args):
+    refs = {"train": f"localhost/{PREFIX}-train:{TAG}", "serve": f"localhost/{PREFIX}-serve:{TAG}"}
+    remove_containers_of(env, refs.values())  # what an interrupted earlier run left
     out = run([str(ROOT / "build_and_push.sh"), "--no-push", "--prefix", PREFIX, "--tag", TAG, "--", *build_args],
               env, 3000, stage="build both images")
     names = out.stdout.strip().splitlines()[-2:]
     assert names == [f"{PREFIX}-train:{TAG}", f"{PREFIX}-serve:{TAG}"]
     sizes = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], env, 60).stdout
     stage_times.append(("image sizes: " + "; ".join(s for s in sizes.splitlines() if s.startswith(f"localhost/{PREFIX}-") and f":{TAG} " in s), 0.0))
-    refs = {"train": f"localhost/{PREFIX}-train:{TAG}", "serve": f"localhost/{PREFIX}-serve:{TAG}"}
     # The Dockerfiles share their first layers (base, Python, torch): built and pushed once.
     layers = {k: json.loads(run(["podman", "image", "inspect", v], env, 60).stdout)[0]["RootFS"]["Layers"]
               for k, v in refs.items()}
     assert layers["train"][:4] == layers["serve"][:4]
-    return refs
+    yield refs
+    remove_containers_of(env, refs.values())
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +339,7 @@ def docker_api(env, tmp_path):
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
     yield dict(env, DOCKER_HOST=f"unix://{sock}", AWS_REGION="eu-west-1", AWS_ACCESS_KEY_ID="local",
                AWS_SECRET_ACCESS_KEY="local", SAGEMAKER_USER_CONFIG_OVERRIDE=str(config),
-               SAGEMAKER_SUPPRESS_V2_WARNING="1")
+               SAGEMAKER_SUPPRESS_V2_WARNING="1", IMGCLS_LOCAL_ROOT=str(tmp_path / "local-root"))
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -356,12 +368,15 @@ def test_sagemaker_local_mode_trains_and_serves(images, trained_dir, docker_api,
         proc.send_signal(2)  # Ctrl-C: the endpoint is deleted and its container stopped
         rest, _ = proc.communicate(timeout=120)
     assert "endpoint ci-local stopped" in rest
+    # The SDK's per-run folders (compose files, artifacts) went to IMGCLS_LOCAL_ROOT, not /tmp.
+    assert list((tmp_path / "local-root").rglob("docker-compose.yaml"))
 
 
-def test_tune_local_in_the_training_image(images, env, trained_dir):
+def test_tune_local_in_the_training_image(images, env, trained_dir, tmp_path):
     """tune --local --image: each Optuna trial is a run of the training image, its objective read from the log."""
     out = run([sys.executable, str(ROOT / "launch.py"), "tune", "--local", "--image", images["train"], "--local-data",
-               str(trained_dir / "input" / "data"), "--max-jobs", "2", "--epochs", "1:1", "--batch-sizes", "8",
+               str(trained_dir / "input" / "data"), "--work-dir", str(tmp_path / "trials"),
+               "--max-jobs", "2", "--epochs", "1:1", "--batch-sizes", "8",
                "--hp", "arch=resnet18", "--hp", "weights=none", "--hp", "image-size=32", "--hp", "num-workers=0"],
               env, 900, stage="launch.py tune --local --image (2 trials)")
     trials = [line for line in out.stdout.splitlines() if line.startswith("trial ")]

@@ -373,16 +373,25 @@ def test_predict_against_a_local_server(tmp_path, capsys):
 def test_tune_local_runs_trials_and_reports_the_best(tmp_path, capsys):
     data = tmp_path / "data"
     make_dataset(data, per_class=6, size=32, classes=2, test_per_class=2, seed=4)
+    work = tmp_path / "trials"
     code = launch.main(["tune", "--local", "--local-data", str(data), "--max-jobs", "3", "--epochs", "1:2",
                         "--batch-sizes", "4,8", "--hp", "arch=resnet18", "--hp", "weights=none", "--hp", "image-size=32",
-                        "--hp", "num-workers=0"])
+                        "--hp", "num-workers=0", "--work-dir", str(work)])
     out = capsys.readouterr().out
     assert code == 0, out
     trials = [line for line in out.splitlines() if line.startswith("trial ")]
     assert len(trials) == 3 and all("valid:loss=" in t for t in trials)
-    best = [line for line in out.splitlines() if line.startswith("best trial")]
+    best = [line for line in out.splitlines() if line.startswith("best trial ")]
     values = [float(t.split("valid:loss=")[1].split()[0]) for t in trials]
     assert best and f"valid:loss={min(values):.5g}" in best[0]
+    # Only the best trial stays on disk, whole; its model is named; the data the trials linked to is untouched.
+    number = best[0].split()[2].rstrip(":")
+    assert [p.name for p in work.iterdir()] == [f"trial-{number}"]
+    assert f"best trial's model: {work / f'trial-{number}' / 'model'}" in out
+    assert (work / f"trial-{number}" / "model" / "model.pt").is_file()
+    assert len(list((data / "train").rglob("*.jpg"))) == 12
+    assert launch.main(["tune", "--local", "--local-data", str(data), "--work-dir", str(work)]) == 2
+    assert "is not empty" in capsys.readouterr().err
 
 
 def test_report_downloads_a_jobs_output_and_tensors(uploaded, capsys, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,7 +71,12 @@ class Debugger:
         except Exception as exc:  # ImportError, or smdebug's own import-time failures
             log.warning("debugger: smdebug cannot be imported (%s), training without SageMaker Debugger", exc)
             return cls()
-        hook = _hook_class(smd).create_from_json_file(str(relocate(config, base_dir)))
+        path = relocate(config, base_dir)
+        try:
+            hook = _hook_class(smd).create_from_json_file(str(path))
+        finally:
+            if path != config:  # smdebug has read the relocated copy; one temp folder per job would pile up
+                shutil.rmtree(path.parent, ignore_errors=True)
         hook.register_module(model)
         hook.register_loss(criterion)
         log.info("debugger: smdebug hook writing to %s", hook.out_dir)
