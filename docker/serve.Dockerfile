@@ -33,14 +33,16 @@ RUN mkdir -p /usr/share/man/man1 \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl \
  && rm -rf /var/lib/apt/lists/*
 
-COPY pyproject.toml README.md /opt/imgcls/
-RUN cd /opt/imgcls && mkdir -p imgcls train serve && touch imgcls/__init__.py train/__init__.py serve/__init__.py \
+# README.md (pyproject's readme) comes with the code: a doc edit must not reinstall every dependency.
+COPY pyproject.toml /opt/imgcls/
+RUN cd /opt/imgcls && mkdir -p imgcls train serve && touch README.md imgcls/__init__.py train/__init__.py serve/__init__.py \
  && pip install ${PIP_CERT:+--cert "$PIP_CERT"} -c constraints.txt 'setuptools<81' '.[serve]' \
- && pip uninstall -y sagemaker-image-classifier && rm -rf imgcls train serve build *.egg-info
+ && pip uninstall -y sagemaker-image-classifier && rm -rf README.md imgcls train serve build *.egg-info
 
 COPY imgcls /opt/imgcls/imgcls
 COPY train /opt/imgcls/train
 COPY serve /opt/imgcls/serve
+COPY README.md /opt/imgcls/
 RUN pip install --no-deps --no-build-isolation /opt/imgcls
 COPY docker/serve-entrypoint.sh /usr/local/bin/serve-entrypoint
 

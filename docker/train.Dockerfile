@@ -29,11 +29,12 @@ RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} --index-url "$TORCH_INDEX_URL" \
 
 # Dependencies before code: a code change rebuilds only the last layers. smdebug needs
 # pyinstrument-cext, published as source only: a compiler is installed for it and removed again.
-COPY pyproject.toml README.md /opt/imgcls/
+# README.md (pyproject's readme) comes with the code: a doc edit must not reinstall every dependency.
+COPY pyproject.toml /opt/imgcls/
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
- && cd /opt/imgcls && mkdir -p imgcls train serve && touch imgcls/__init__.py train/__init__.py serve/__init__.py \
+ && cd /opt/imgcls && mkdir -p imgcls train serve && touch README.md imgcls/__init__.py train/__init__.py serve/__init__.py \
  && pip install ${PIP_CERT:+--cert "$PIP_CERT"} -c constraints.txt 'setuptools<81' '.[train]' \
- && pip uninstall -y sagemaker-image-classifier && rm -rf imgcls train serve build *.egg-info \
+ && pip uninstall -y sagemaker-image-classifier && rm -rf README.md imgcls train serve build *.egg-info \
  && apt-get purge -y --auto-remove gcc libc6-dev python3-dev && rm -rf /var/lib/apt/lists/*
 
 ENV TORCH_HOME=/opt/torch
@@ -46,6 +47,7 @@ RUN for arch in $PRETRAINED_ARCHS; do \
 COPY imgcls /opt/imgcls/imgcls
 COPY train /opt/imgcls/train
 COPY serve /opt/imgcls/serve
+COPY README.md /opt/imgcls/
 RUN pip install --no-deps --no-build-isolation /opt/imgcls \
  && mkdir -p /opt/ml/code && cp /opt/imgcls/train/entry/train_job.py /opt/ml/code/
 
