@@ -3,8 +3,10 @@
     model.json   metadata (format version, architecture, classes, eval preprocessing, metrics,
                  hyperparameters, library versions); docs/artifact.md describes every field
     model.pt     the state dict, fp32, loadable with torch.load(weights_only=True)
+    model_int8.pt  optional: the same model quantized to int8 (imgcls.quantize), TorchScript
 
-Nothing else is needed to rebuild the model and its preprocessing.
+Nothing else is needed to rebuild the model and its preprocessing; model_int8.pt is a faster
+form of model.pt for CPUs without fast bf16.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from .presets import ClassificationPresetEval
 FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
+INT8_FILE = "model_int8.pt"
 
 
 @dataclass
@@ -75,6 +79,8 @@ def save(model_dir: Path, model: nn.Module, card: ModelCard) -> None:
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     atomic_write_bytes(model_dir / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
+    # The int8 model is derived from these weights: one left by an earlier save would not match.
+    (model_dir / INT8_FILE).unlink(missing_ok=True)
     meta = dict(card.__dict__)
     meta["num_classes"] = card.num_classes
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -128,3 +134,24 @@ def load(model_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.
         raise ArtifactError(f"{weights} does not match {METADATA_FILE} ({card.arch}, {card.num_classes} classes): "
                             f"{' '.join(detail[:3])[:400]}. Keep the two files of one training job together.") from None
     return model.eval(), card
+
+
+def save_int8(model_dir: Path, graph: torch.jit.ScriptModule) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation; see imgcls.quantize
+        atomic_write_bytes(Path(model_dir) / INT8_FILE, lambda fh: torch.jit.save(graph, fh))
+
+
+def load_int8(model_dir: Path) -> torch.jit.ScriptModule | None:
+    """The int8 model, or None when the artifact has none (trained without it, or before it existed)."""
+    path = Path(model_dir) / INT8_FILE
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation; see imgcls.quantize
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:  # TorchScript raises RuntimeError and others for a damaged archive
+        raise ArtifactError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()[:200]}): the file is "
+                            "damaged; use the model.tar.gz the training job wrote, or delete this file to serve "
+                            "model.pt in fp32.") from None

@@ -14,44 +14,78 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgcls import artifact
-from imgcls.errors import ClassifierError
+from imgcls import artifact, quantize
+from imgcls.errors import ArtifactError, ClassifierError
 from imgcls.hardware import fast_bf16
 from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
 from imgcls.inference import InferenceModel
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MIN_AGREEMENT = 0.99   # top-1 agreement of bf16 with fp32 on the model's own test images
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+MIN_AGREEMENT = 0.99   # top-1 agreement with fp32 on the model's own test images
 
 
-def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.device) -> tuple[str, str]:
-    """(precision, why): auto answers in bf16 only where the hardware is fast at it and the trainer
-    measured that bf16 picks the same top-1 class as fp32 on at least 99% of its test images."""
+def _agreement_gate(card: artifact.ModelCard, name: str) -> str | None:
+    """None when the trainer measured that `name` picks fp32's top-1 class on >= 99% of its test
+    images, else why not."""
+    agreement = card.metrics.get(f"{name}_top1_agreement")
+    if agreement is None:
+        return f"the artifact has no {name} agreement measured"
+    if agreement < MIN_AGREEMENT:
+        return f"{name} agreed with fp32 on only {agreement:.1%} of the test images"
+    return None
+
+
+def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.device,
+                      has_int8: bool = False) -> tuple[str, str]:
+    """(precision, why). auto: bf16 where the hardware is fast at it, else int8 on a CPU where the
+    artifact holds an int8 model; either only where the trainer measured that it picks the same
+    top-1 class as fp32 on at least 99% of its test images. Else fp32."""
     if requested != "auto":
         return requested, f"IMGCLS_PRECISION={requested}"
-    agreement = card.metrics.get("bf16_top1_agreement")
-    if not fast_bf16(device):
-        return "fp32", f"no fast bf16 on {device}"
-    if agreement is None:
-        return "fp32", "the artifact has no bf16 agreement measured (trained before it was recorded)"
-    if agreement < MIN_AGREEMENT:
-        return "fp32", f"bf16 agreed with fp32 on only {agreement:.1%} of the test images"
-    return "bf16", f"fast bf16 on {device}, {agreement:.1%} top-1 agreement with fp32 on the test images"
+    reasons = []
+    if fast_bf16(device):
+        why_not = _agreement_gate(card, "bf16")
+        if why_not is None:
+            agreement = card.metrics["bf16_top1_agreement"]
+            return "bf16", f"fast bf16 on {device}, {agreement:.1%} top-1 agreement with fp32 on the test images"
+        reasons.append(why_not)
+    else:
+        reasons.append(f"no fast bf16 on {device}")
+    if device.type == "cpu":
+        why_not = (_agreement_gate(card, "int8") if has_int8 and quantize.available() else
+                   f"the artifact has no {artifact.INT8_FILE}" if not has_int8 else
+                   f"this torch has no {quantize.ENGINE} quantization engine")
+        if why_not is None:
+            agreement = card.metrics["int8_top1_agreement"]
+            return "int8", f"{reasons[0]}; int8 has {agreement:.1%} top-1 agreement with fp32 on the test images"
+        reasons.append(why_not)
+    return "fp32", "; ".join(reasons)
 
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
                  precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 compile: str = "auto"):
+                 compile: str = "auto", int8_model: torch.jit.ScriptModule | None = None):
         self.device = torch.device(device)
         self.card = card
         self.class_names = card.class_names
         self.preset = card.eval_preset()
         self.chunk_size = chunk_size
         self.max_pixels = max_pixels
-        self.precision, self.precision_reason = resolve_precision(precision, card, self.device)
+        self.precision, self.precision_reason = resolve_precision(precision, card, self.device, int8_model is not None)
         self.autocast_dtype = _DTYPES[self.precision]
+        # int8 kernels take NCHW and convert themselves; the float paths are fastest channels-last.
+        self.channels_last = self.precision != "int8"
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        if self.precision == "int8":
+            if int8_model is None:
+                raise ArtifactError(f"IMGCLS_PRECISION=int8, but the artifact has no {artifact.INT8_FILE}: train with "
+                                    "the hyperparameter int8=true (the default), or serve with IMGCLS_PRECISION=auto.")
+            if self.device.type != "cpu":
+                raise ArtifactError(f"IMGCLS_PRECISION=int8 runs on the CPU only, not on {self.device}: "
+                                    "use auto, bf16 or fp16 on a GPU.")
+            self.runner = quantize.Int8Model(int8_model)
+            return
         side = self.preset.crop_size
         example = self.preset.normalize(torch.zeros((1, 3, side, side), dtype=torch.uint8, device=self.device),
                                         channels_last=True)
@@ -60,6 +94,8 @@ class Predictor:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> Predictor:
         model, card = artifact.load(Path(model_dir), map_location="cpu")
+        if kwargs.get("precision", "auto") in ("auto", "int8"):
+            kwargs["int8_model"] = artifact.load_int8(Path(model_dir))
         return cls(model, card, device, **kwargs)
 
     def decode(self, source) -> Image.Image:
@@ -83,7 +119,7 @@ class Predictor:
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> np.ndarray:
-        x = self.preset.normalize(batch.to(self.device, non_blocking=True), channels_last=True)
+        x = self.preset.normalize(batch.to(self.device, non_blocking=True), channels_last=self.channels_last)
         return torch.softmax(self.runner(x), dim=1).cpu().numpy()
 
     def predict(self, sources) -> np.ndarray:

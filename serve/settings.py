@@ -44,7 +44,7 @@ class Settings:
     default_top_k: int = 5
     chunk_size: int = 32          # images per forward pass; a bigger request runs in chunks
     threads: int = 0              # intra-op threads per worker; 0 leaves torch's default
-    precision: str = "auto"       # auto: bf16 where fast and the artifact's bf16 agreement allows (predictor)
+    precision: str = "auto"       # auto: bf16 or int8 where the artifact's agreement allows (predictor)
     compile: str = "auto"         # how the model runs: imgcls.inference (frozen trace on CPU, eager on GPU)
     url: UrlPolicy = UrlPolicy()
 
@@ -56,8 +56,8 @@ class Settings:
         else:
             max_body = round(env.number("SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_MAX_PAYLOAD_MB, minimum=0.001) * MIB)
         precision = environ.get("IMGCLS_PRECISION", "auto").strip().lower() or "auto"
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of auto, fp32, bf16, fp16.")
+        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise SettingsError(f"IMGCLS_PRECISION={precision!r} is not one of auto, fp32, bf16, fp16, int8.")
         compile_mode = environ.get("IMGCLS_COMPILE", "auto").strip().lower() or "auto"
         if compile_mode not in MODES:
             raise SettingsError(f"IMGCLS_COMPILE={compile_mode!r} is not one of {', '.join(MODES)}.")

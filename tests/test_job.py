@@ -259,18 +259,23 @@ def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):
 
 def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
     """With augment=none the cached and uncached runs see the same pixels: the same history, to the bit."""
-    histories = {}
+    histories, cards, int8_files = {}, {}, {}
     for choice in ("true", "false"):
-        tiny_data.hyperparameters(augment="none", cache_images=choice)
+        # int8 rides along: on in the first run, off in the second, which must remove the first's file.
+        tiny_data.hyperparameters(augment="none", cache_images=choice, int8=choice)
         result = tiny_data.run()
         assert result.returncode == 0, result.stdout[-3000:]
         assert ("decode once: 24 train + 6 valid + 9 test images kept in memory" in result.stdout) == (choice == "true")
         histories[choice] = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
+        _, cards[choice] = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
+        int8_files[choice] = (tiny_data.model_dir / artifact.INT8_FILE).is_file()
+        assert ("int8 gives the same top-1 class as fp32 on" in result.stdout) == (choice == "true")
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait")} for e in h]  # noqa: E731
     assert strip(histories["true"]) == strip(histories["false"])
-    _, card = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
-    assert 0 <= card.metrics["bf16_top1_agreement"] <= 1
+    assert 0 <= cards["false"].metrics["bf16_top1_agreement"] <= 1
     assert "bf16 gives the same top-1 class as fp32 on" in result.stdout
+    assert int8_files == {"true": True, "false": False}
+    assert 0 <= cards["true"].metrics["int8_top1_agreement"] <= 1 and "int8_top1_agreement" not in cards["false"].metrics
 
 
 def test_compile_trains_the_same_model_and_steps_aside_for_the_debugger(tiny_data):

@@ -306,9 +306,11 @@ def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_
     try:
         second.wait_ready(timeout=120)
         _, card = artifact.load(trained.model_dir)
-        auto = "bf16" if fast_bf16(torch.device("cpu")) and card.metrics["bf16_top1_agreement"] >= 0.99 else "fp32"
+        has_int8 = (trained.model_dir / artifact.INT8_FILE).is_file()
+        auto = ("bf16" if fast_bf16(torch.device("cpu")) and card.metrics["bf16_top1_agreement"] >= 0.99 else
+                "int8" if has_int8 and card.metrics["int8_top1_agreement"] >= 0.99 else "fp32")
         assert f"precision {auto} (" in second.output
-        for srv, atol in ((second, 0.02 if auto == "bf16" else ATOL), (server, ATOL)):
+        for srv, atol in ((second, {"bf16": 0.02, "int8": 0.05}.get(auto, ATOL)), (server, ATOL)):
             code, _, out = srv.invoke(images["big.jpg"].read_bytes(), "image/jpeg", accept="application/x-npy")
             assert code == 200
             probs = np.load(io.BytesIO(out))[0]

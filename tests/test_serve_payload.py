@@ -240,5 +240,5 @@ def test_precision_auto_follows_the_hardware_and_the_artifacts_agreement():
     assert "no bf16 agreement measured" in resolve_precision("auto", card(), cpu)[1] or not fast_bf16(cpu)
     assert resolve_precision("bf16", card(), cpu) == ("bf16", "IMGCLS_PRECISION=bf16")
     assert Settings.from_env({}).precision == "auto"
-    with pytest.raises(SettingsError, match="not one of auto, fp32, bf16, fp16"):
-        Settings.from_env({"IMGCLS_PRECISION": "int8"})
+    with pytest.raises(SettingsError, match="not one of auto, fp32, bf16, fp16, int8"):
+        Settings.from_env({"IMGCLS_PRECISION": "int4"})

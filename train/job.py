@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls import artifact
+from imgcls import artifact, quantize
 from imgcls.errors import ClassifierError
 from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
@@ -30,6 +30,7 @@ from . import (
     distributed,
     finetune,
     hyperparams,
+    int8,
     metrics,
     outputs,
     profiling,
@@ -287,17 +288,46 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     log.info("bf16 gives the same top-1 class as fp32 on %.1f%% of the %s images (the server answers in bf16 "
              "where the hardware is fast at it and this is at least 99%%)", 100 * final["bf16_top1_agreement"],
              report_channel)
+    int8_model = None
+    if rank.is_main and cfg.int8:
+        int8_model = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
+                               cfg.seed, workers, report_channel)
     if rank.is_main:
-        write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"])
+        write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
+                      int8_model)
     return final
 
 
-def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch) -> None:
+def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
+              channel):
+    """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
+    artifact is still complete without it, and the server answers in fp32."""
+    if not quantize.available():
+        log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
+        return None
+    calibration = data.make_loader(int8.calibration_channel(splits.train), eval_preset, batch_size, shuffle=False,
+                                   seed=seed, workers=min(workers, 2), pin_memory=False)
+    try:
+        graph, agreement, compared = int8.build(model, calibration, report_loader, batcher)
+    except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
+        log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
+                    "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
+        return None
+    final["int8_top1_agreement"] = agreement
+    log.info("int8 gives the same top-1 class as fp32 on %.1f%% of %d %s images (the server answers in int8 on CPUs "
+             "without fast bf16 where this is at least 99%%)", 100 * agreement, compared, channel)
+    return graph
+
+
+def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch,
+                  int8_model=None) -> None:
     classes = splits.classes
     card = artifact.ModelCard(arch=cfg.arch, class_names=classes, preprocess=eval_preset.to_dict(),
                               metrics={**final, "best_epoch": best_epoch},
                               hyperparameters=cfg.as_hyperparameters(), versions=artifact.library_versions())
     artifact.save(job.model_dir, model, card)
+    if int8_model is not None:
+        artifact.save_int8(job.model_dir, int8_model)
     out = job.output_data_dir
     train_counts = splits.train.class_counts(classes)
     per_class = outputs.write_confusion(out, result.confusion, classes, channel, train_counts)

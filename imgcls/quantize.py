@@ -1,0 +1,74 @@
+"""int8 for CPUs without fast bf16: post-training static quantization of the trained model.
+
+On a CPU with AVX2 and no AMX or AVX512-BF16, bf16 is emulated and slower than fp32, so the
+only cheaper forward left is int8. Measured on such a CPU (AMD EPYC, 2 cores, one thread,
+batch 1 at 224 px): ResNet-18 ran 31.8 ms as a frozen int8 trace against 77.4 ms for the frozen
+fp32 trace the server ran before and 95.4 ms eager; ResNet-50 81.5 against 179 and 206 ms.
+
+int8 changes answers more than bf16 does, so the trainer measures it: it calibrates on training
+images, then counts on the test (else valid) images how often int8 picks fp32's top-1 class. The
+server answers in int8 only when that agreement is at least 99% (serve.predictor).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+ENGINE = "x86"   # fbgemm's successor in torch; onednn kernels where they are faster
+
+
+def available() -> bool:
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
+def use_engine() -> None:
+    """Quantized kernels run on the process-wide engine: set it before loading or running a model."""
+    torch.backends.quantized.engine = ENGINE
+
+
+def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str) -> torch.jit.ScriptModule:
+    """A frozen int8 TorchScript module of `model` (left unchanged) that takes the same
+    normalized float NCHW batch and returns float logits. `batches` calibrate the activation
+    ranges; `head` (the final Linear layer) stays fp32: on a weakly trained ResNet-18 that
+    raised agreement with fp32 from 91.9% to 95.5% at the cost of one small matmul."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    use_engine()
+    fp32 = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+    qconfig = get_default_qconfig_mapping(ENGINE).set_module_name(head, None)
+    example = None
+    with warnings.catch_warnings(), torch.no_grad():
+        # FX quantization and torch.jit both warn that they are deprecated for torch.export and
+        # torch.compile paths that need torchao or compile per worker; these are what this torch ships.
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning, torch.jit.TracerWarning))
+        prepared = None
+        for x in batches:
+            x = x.to("cpu", torch.float32).contiguous()
+            if prepared is None:
+                example = x[:1]
+                prepared = prepare_fx(fp32, qconfig, (example,))
+            prepared(x)
+        if prepared is None:
+            raise ValueError("int8 calibration needs at least one batch of images")
+        return torch.jit.freeze(torch.jit.trace(convert_fx(prepared), example))
+
+
+class Int8Model:
+    """Calls an int8 module as imgcls.inference.InferenceModel calls the float model: a normalized
+    batch on any device, in any layout, in; float32 logits on that device out."""
+
+    mode = "int8 trace"
+
+    def __init__(self, graph: torch.jit.ScriptModule):
+        use_engine()
+        self.graph = graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.graph(x.to("cpu", torch.float32).contiguous()).float().to(x.device)

@@ -1,0 +1,115 @@
+"""int8 for CPUs without fast bf16 (imgcls.quantize): close to fp32, stored in the artifact, chosen
+by the server only where the trainer measured its agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from imgcls import artifact, quantize
+from imgcls.errors import ArtifactError
+from imgcls.hardware import fast_bf16
+from imgcls.models import create_model
+from imgcls.presets import ClassificationPresetEval
+from serve.predictor import Predictor, resolve_precision
+from serve.settings import Settings
+
+pytestmark = pytest.mark.skipif(not quantize.available(), reason="this torch has no x86 quantization engine")
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Smooth images (upsampled noise), so activations have the spread of pictures, not of white noise.
+    return torch.nn.functional.interpolate(torch.randn(n, 3, 12, 12, generator=g), size=48, mode="bilinear")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = create_model("resnet18", num_classes=len(CLASSES)).eval()
+    for mod in net.modules():  # non-trivial BatchNorm statistics, as a trained model has
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def graph(model):
+    return quantize.quantize(model, [_images(16, 1), _images(16, 2)], head="fc")
+
+
+def test_int8_logits_follow_fp32_and_the_model_is_left_alone(model, graph):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _images(32, 3)  # not the calibration images
+    with torch.no_grad():
+        reference = model(x)
+    served = quantize.Int8Model(graph)
+    out = served(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    similarity = torch.nn.functional.cosine_similarity(out, reference, dim=1)
+    assert similarity.min() > 0.95, similarity
+    assert not torch.equal(out, reference)  # it really is another computation
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(p.dtype == torch.qint8 for p in graph.state_dict().values() if isinstance(p, torch.Tensor)) or \
+        "quantized::" in str(graph.graph)
+
+
+def test_calibration_needs_images(model):
+    with pytest.raises(ValueError, match="at least one batch"):
+        quantize.quantize(model, [], head="fc")
+
+
+def _artifact(tmp_path, model, graph, **metrics):
+    card = artifact.ModelCard(arch="resnet18", class_names=CLASSES, preprocess=ClassificationPresetEval(48).to_dict(),
+                              metrics=metrics)
+    artifact.save(tmp_path, model, card)
+    if graph is not None:
+        artifact.save_int8(tmp_path, graph)
+    return tmp_path
+
+
+def test_the_server_answers_in_int8_from_the_artifact(tmp_path, model, graph):
+    model_dir = _artifact(tmp_path, model, graph, int8_top1_agreement=1.0, bf16_top1_agreement=0.5)
+    picture = Image.new("RGB", (80, 60), (200, 90, 40))
+    fp32 = Predictor.from_model_dir(model_dir, precision="fp32")
+    int8 = Predictor.from_model_dir(model_dir, precision="int8")
+    assert int8.precision == "int8" and int8.runner.mode == "int8 trace"
+    a, b = fp32.predict([picture, picture]), int8.predict([picture, picture])
+    assert b.shape == (2, len(CLASSES)) and abs(b.sum(1) - 1).max() < 1e-5
+    assert abs(a - b).max() < 0.1
+    auto = Predictor.from_model_dir(model_dir)  # bf16 fails its gate here, so auto falls to int8 on any CPU
+    assert auto.precision == "int8", auto.precision_reason
+    assert "int8 has 100.0% top-1 agreement" in auto.precision_reason
+
+
+def test_auto_needs_the_file_and_the_agreement(tmp_path, model, graph):
+    cpu = torch.device("cpu")
+    card = lambda **m: artifact.ModelCard(arch="resnet18", class_names=CLASSES, preprocess={}, metrics=m)  # noqa: E731
+    precision, why = resolve_precision("auto", card(int8_top1_agreement=0.97), cpu, has_int8=True)
+    assert precision == "fp32" and "int8 agreed with fp32 on only 97.0%" in why
+    precision, why = resolve_precision("auto", card(int8_top1_agreement=1.0), cpu, has_int8=False)
+    assert precision == "fp32" and artifact.INT8_FILE in why
+    precision, why = resolve_precision("auto", card(int8_top1_agreement=1.0, bf16_top1_agreement=1.0), cpu,
+                                       has_int8=True)
+    assert precision == ("bf16" if fast_bf16(cpu) else "int8"), why
+    # int8 kernels are CPU kernels: another device never gets it from auto.
+    assert resolve_precision("auto", card(int8_top1_agreement=1.0), torch.device("mps"), has_int8=True)[0] != "int8"
+    assert Settings.from_env({"IMGCLS_PRECISION": "INT8"}).precision == "int8"
+
+
+def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
+    model_dir = _artifact(tmp_path, model, None, int8_top1_agreement=1.0)
+    with pytest.raises(ArtifactError, match="has no model_int8.pt: train with the hyperparameter int8=true"):
+        Predictor.from_model_dir(model_dir, precision="int8")
+    assert Predictor.from_model_dir(model_dir).precision != "int8"
+    (model_dir / artifact.INT8_FILE).write_bytes(b"not a TorchScript archive")
+    with pytest.raises(ArtifactError, match="model_int8.pt cannot be read.*delete this file"):
+        Predictor.from_model_dir(model_dir)
+    assert Predictor.from_model_dir(model_dir, precision="fp32").precision == "fp32"  # fp32 does not read it
+    # Saving new weights removes an int8 model made from the old ones.
+    _artifact(tmp_path, model, None)
+    assert not (model_dir / artifact.INT8_FILE).exists()
