@@ -41,17 +41,27 @@ def make_artifact(base: Path, arch: str, crop: int, classes: int = 10) -> Path:
     return base / "model"
 
 
-def in_process_ms(model_dir: Path, jpegs: list[bytes], repeats: int, threads: int) -> tuple[float, str]:
-    """(median ms of one request's predict, in the precision the server's auto picks), precision"""
-    torch.set_num_threads(threads)
-    predictor = Predictor.from_model_dir(model_dir)
-    predictor.warm_up()
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        predictor.predict([jpegs[i % len(jpegs)]])
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000, predictor.precision
+class InProcess:
+    """The same request through serve.predictor in this process, with a worker's thread count, in
+    the precision the server's auto picks."""
+
+    def __init__(self, model_dir: Path, jpegs: list[bytes], threads: int):
+        self.jpegs, self.threads = jpegs, threads
+        torch.set_num_threads(threads)
+        self.predictor = Predictor.from_model_dir(model_dir)
+        self.predictor.warm_up()
+        self.times: list[float] = []
+
+    def measure(self, repeats: int) -> None:
+        torch.set_num_threads(self.threads)
+        for i in range(repeats):
+            t = time.perf_counter()
+            self.predictor.predict([self.jpegs[i % len(self.jpegs)]])
+            self.times.append((time.perf_counter() - t) * 1000)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times)
 
 
 def record_agreement(model_dir: Path, jpegs: list[bytes], precision: str) -> float:
@@ -123,41 +133,56 @@ def run_load(client: KeepAliveClient, jpegs: list[bytes], concurrency: int, tota
 
 
 def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes], requests: int,
-               work: Path, warmup: int) -> dict:
+               work: Path, warmup: int, rounds: int) -> dict:
     base = work / arch
     model_dir = make_artifact(base, arch, crop)
     add_int8(model_dir, calibration)
     agreement = {p: record_agreement(model_dir, jpegs, p) for p in ("bf16", "int8")}
     workers, threads = plan_concurrency(available_cpus(), 0)
-    inproc, precision = in_process_ms(model_dir, jpegs, requests, threads)
-    row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads, "precision": precision,
-           "bf16_top1_agreement": agreement["bf16"], "int8_top1_agreement": agreement["int8"],
-           "in_process_ms": inproc}
+    inproc = {"": InProcess(model_dir, jpegs, threads), "one_worker_": InProcess(model_dir, jpegs, workers * threads)}
+    row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads,
+           "precision": inproc[""].predictor.precision,
+           "bf16_top1_agreement": agreement["bf16"], "int8_top1_agreement": agreement["int8"]}
     # ours, the naive handler on the same server (same workers, same port range, same images), and
     # ours with one worker using every CPU: the plan that trades throughput for latency at rest.
     one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads)}
-    for label, env in (("", {}), ("naive_", {"IMGCLS_HANDLER": "bench.naive_handler:handle",
-                                               "PYTHONPATH": str(ROOT)}), ("one_worker_", one_worker)):
-        server = ServeProcess(base, work / f"{arch}-{label}mms", **env)
-        try:
-            server.wait_ready(timeout=300)
-            client = KeepAliveClient(server.port)
-            # Warm the HTTP path: the JVM compiles its request path over the first few dozen
-            # requests (measured here: a c1 p50 of 16.8 ms in the first 40 requests, 13-15 after).
+    configs = {"": {}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
+               "one_worker_": one_worker}
+    servers: dict[str, ServeProcess] = {}
+    try:
+        # All three stay up and take turns, a few requests each per round, so that each ratio is
+        # measured side by side: on these machines a whole minute can run 20% slow.
+        for label, env in configs.items():
+            servers[label] = ServeProcess(base, work / f"{arch}-{label}mms", **env).wait_ready(timeout=300)
+            row[f"{label}startup_s"] = servers[label].ready_after
+        clients = {label: KeepAliveClient(server.port) for label, server in servers.items()}
+        for client in clients.values():
+            # The JVM compiles its request path over the first few dozen requests (measured
+            # here: a c1 p50 of 16.8 ms in the first 40 requests, 13-15 ms after).
             run_load(client, jpegs, 4, warmup)
-            _, lat1 = run_load(client, jpegs, 1, requests)
-            thr4, _ = run_load(client, jpegs, 4, requests)
-            thr8, _ = run_load(client, jpegs, 8, requests) if not label else (None, None)
-        finally:
+        per_round = max(1, requests // rounds)
+        latencies = {label: [] for label in clients}
+        seconds4 = {label: 0.0 for label in clients}
+        for _ in range(rounds):
+            for label, client in clients.items():
+                if label in inproc:
+                    inproc[label].measure(per_round)
+                latencies[label] += run_load(client, jpegs, 1, per_round)[1]
+        for _ in range(rounds):
+            for label, client in clients.items():
+                seconds4[label] += per_round / run_load(client, jpegs, 4, per_round)[0]
+        row["img_s_c8"] = run_load(clients[""], jpegs, 8, per_round * rounds)[0]
+    finally:
+        for server in servers.values():
             server.stop()
-        row.update({f"{label}startup_s": server.ready_after, f"{label}p50_ms": percentile(lat1, 50),
-                    f"{label}p95_ms": percentile(lat1, 95), f"{label}img_s_c1": 1000 / percentile(lat1, 50),
-                    f"{label}img_s_c4": thr4})
-        if thr8 is not None:
-            row["img_s_c8"] = thr8
-    row["overhead_ms"] = row["p50_ms"] - inproc
+    for label in clients:
+        lat = latencies[label]
+        row.update({f"{label}p50_ms": percentile(lat, 50), f"{label}p95_ms": percentile(lat, 95),
+                    f"{label}img_s_c1": 1000 / percentile(lat, 50), f"{label}img_s_c4": per_round * rounds / seconds4[label]})
+    row["in_process_ms"] = inproc[""].median_ms
+    row["overhead_ms"] = row["p50_ms"] - row["in_process_ms"]
     row["c4_vs_naive"] = row["img_s_c4"] / row["naive_img_s_c4"]
-    row["one_worker_in_process_ms"], _ = in_process_ms(model_dir, jpegs, requests, workers * threads)
+    row["one_worker_in_process_ms"] = inproc["one_worker_"].median_ms
     row["one_worker_overhead_ms"] = row["one_worker_p50_ms"] - row["one_worker_in_process_ms"]
     return row
 
@@ -183,7 +208,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_latency.json"))
     args = p.parse_args()
     crop = 64 if args.quick else 224
-    requests = args.requests or (8 if args.quick else 60)
+    requests = args.requests or (8 if args.quick else 80)
     count = 8 if args.quick else 16
     jpegs = photo_like_jpegs(count)
     calibration = photo_like_jpegs(count, seed=1)
@@ -191,12 +216,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         for arch in args.archs.split(","):
             rows.append(bench_arch(arch.strip(), crop, jpegs, calibration, requests, Path(tmp),
-                                   warmup=4 if args.quick else 40))
+                                   warmup=4 if args.quick else 40, rounds=2 if args.quick else 4))
     header = (f"{'arch':<10} {'w x t':>6} {'prec':>5} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
               f"{'vs naive':>9}")
     print(f"JPEG 500x375, crop {crop}, {requests} requests per level, one image per request, "
-          "keep-alive connections, after a warm-up")
+          "keep-alive connections, after a warm-up; the three servers take turns in rounds")
     print(header)
     for r in rows:
         print(f"{r['arch']:<10} {str(r['workers']) + 'x' + str(r['threads']):>6} {r['precision']:>5} "

@@ -43,3 +43,6 @@ def test_serving_benchmark_quick_run(tmp_path):
     assert min(row["img_s_c1"], row["img_s_c4"], row["img_s_c8"], row["one_worker_img_s_c4"]) > 0
     assert row["one_worker_overhead_ms"] == pytest.approx(row["one_worker_p50_ms"] - row["one_worker_in_process_ms"])
     assert "in-proc ms" in result.stdout
+    # The artifact it serves carries an int8 model and its measured agreement, as a trained one does.
+    assert 0 <= row["int8_top1_agreement"] <= 1 and row["naive_img_s_c4"] > 0
+    assert row["precision"] in ("fp32", "bf16", "int8")
