@@ -158,7 +158,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         clients = {label: KeepAliveClient(server.port) for label, server in servers.items()}
         for client in clients.values():
             # The JVM compiles its request path over the first few dozen requests (measured
-            # here: a c1 p50 of 16.8 ms in the first 40 requests, 13-15 ms after).
+            # here: a c1 p50 of 16.8 ms in the first 40 requests, 12.6-15.6 ms after).
             run_load(client, jpegs, 4, warmup)
         per_round = max(1, requests // rounds)
         latencies = {label: [] for label in clients}
