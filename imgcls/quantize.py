@@ -44,8 +44,9 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str) -> to
     qconfig = get_default_qconfig_mapping(ENGINE).set_module_name(head, None)
     example = None
     with warnings.catch_warnings(), torch.no_grad():
-        # FX quantization and torch.jit both warn that they are deprecated for torch.export and
-        # torch.compile paths that need torchao or compile per worker; these are what this torch ships.
+        # FX quantization and torch.jit warn that they are deprecated. Their successors need
+        # torchao (not in our pins) or compile in every worker (about 20 s each here); these are
+        # what the pinned torch ships, and tests/test_int8.py fails when a torch drops them.
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning, torch.jit.TracerWarning))
         prepared = None
         for x in batches:
