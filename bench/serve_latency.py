@@ -64,25 +64,23 @@ class InProcess:
         return statistics.median(self.times)
 
 
-def record_agreement(model_dir: Path, jpegs: list[bytes], precision: str) -> float:
-    """Top-1 agreement of `precision` with fp32 on the benchmark's images, recorded in the artifact as
-    the trainer records it on its test images, so the server's precision=auto decides as for a real model."""
-    fp32 = Predictor.from_model_dir(model_dir, precision="fp32").predict(jpegs).argmax(1)
-    other = Predictor.from_model_dir(model_dir, precision=precision).predict(jpegs).argmax(1)
-    agreement = float((fp32 == other).mean())
+def add_int8_and_agreement(model_dir: Path, jpegs: list[bytes], calibration: list[bytes]) -> dict[str, float]:
+    """Add the artifact's int8 model as the trainer makes it, calibrated on other images than those
+    measured, and record the top-1 agreement of bf16 and int8 with fp32 on the benchmark's images in
+    the artifact, as the trainer records it on its test images, so the server's precision=auto
+    decides as for a real model. One fp32 predictor serves for all of it."""
+    fp32 = Predictor.from_model_dir(model_dir, precision="fp32")
+    batch = fp32.preset.normalize(fp32.preprocess(calibration))
+    artifact.save_int8(model_dir, quantize.quantize(fp32.model, [batch], head_name(fp32.model)))
+    reference = fp32.predict(jpegs).argmax(1)
+    others = {"bf16": Predictor(fp32.model, fp32.card, precision="bf16"),
+              "int8": Predictor(fp32.model, fp32.card, precision="int8", int8_model=artifact.load_int8(model_dir))}
+    agreement = {name: float((reference == p.predict(jpegs).argmax(1)).mean()) for name, p in others.items()}
     card_path = model_dir / artifact.METADATA_FILE
     card = json.loads(card_path.read_text())
-    card.setdefault("metrics", {})[f"{precision}_top1_agreement"] = agreement
+    card.setdefault("metrics", {}).update({f"{name}_top1_agreement": a for name, a in agreement.items()})
     card_path.write_text(json.dumps(card))
     return agreement
-
-
-def add_int8(model_dir: Path, calibration: list[bytes]) -> None:
-    """The artifact's int8 model, as the trainer makes it, calibrated on other images than those measured."""
-    model, _ = artifact.load(model_dir)
-    predictor = Predictor.from_model_dir(model_dir, precision="fp32")
-    batch = predictor.preset.normalize(predictor.preprocess(calibration))
-    artifact.save_int8(model_dir, quantize.quantize(model, [batch], head_name(model)))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -136,8 +134,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
                work: Path, warmup: int, rounds: int) -> dict:
     base = work / arch
     model_dir = make_artifact(base, arch, crop)
-    add_int8(model_dir, calibration)
-    agreement = {p: record_agreement(model_dir, jpegs, p) for p in ("bf16", "int8")}
+    agreement = add_int8_and_agreement(model_dir, jpegs, calibration)
     workers, threads = plan_concurrency(available_cpus(), 0)
     inproc = {"": InProcess(model_dir, jpegs, threads), "one_worker_": InProcess(model_dir, jpegs, workers * threads)}
     row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads,

@@ -65,14 +65,18 @@ def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.de
 class Predictor:
     def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
                  precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 compile: str = "auto", int8_model: torch.jit.ScriptModule | None = None):
+                 compile: str = "auto", int8_model: torch.jit.ScriptModule | None = None,
+                 has_int8: bool | None = None):
+        """has_int8: whether the artifact holds an int8 model, when the caller loads it only if it is
+        chosen (from_model_dir); by default, whether int8_model was given."""
         self.device = torch.device(device)
         self.card = card
         self.class_names = card.class_names
         self.preset = card.eval_preset()
         self.chunk_size = chunk_size
         self.max_pixels = max_pixels
-        self.precision, self.precision_reason = resolve_precision(precision, card, self.device, int8_model is not None)
+        has_int8 = int8_model is not None if has_int8 is None else has_int8
+        self.precision, self.precision_reason = resolve_precision(precision, card, self.device, has_int8)
         self.autocast_dtype = _DTYPES[self.precision]
         # int8 kernels take NCHW and convert themselves; the float paths are fastest channels-last.
         self.channels_last = self.precision != "int8"
@@ -93,10 +97,14 @@ class Predictor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> Predictor:
-        model, card = artifact.load(Path(model_dir), map_location="cpu")
-        if kwargs.get("precision", "auto") in ("auto", "int8"):
-            kwargs["int8_model"] = artifact.load_int8(Path(model_dir))
-        return cls(model, card, device, **kwargs)
+        model_dir = Path(model_dir)
+        model, card = artifact.load(model_dir, map_location="cpu")
+        has_int8 = (model_dir / artifact.INT8_FILE).is_file()
+        # Read the int8 model (12-25 MB of TorchScript) only where it will run: not where auto picks
+        # bf16 (a GPU, an AMX CPU) or fp32.
+        if resolve_precision(kwargs.get("precision", "auto"), card, torch.device(device), has_int8)[0] == "int8":
+            kwargs["int8_model"] = artifact.load_int8(model_dir)
+        return cls(model, card, device, has_int8=has_int8, **kwargs)
 
     def decode(self, source) -> Image.Image:
         if isinstance(source, Image.Image):

@@ -110,6 +110,12 @@ def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
     with pytest.raises(ArtifactError, match="model_int8.pt cannot be read.*delete this file"):
         Predictor.from_model_dir(model_dir)
     assert Predictor.from_model_dir(model_dir, precision="fp32").precision == "fp32"  # fp32 does not read it
+    # Nor does auto where int8 fails its gate: the file is read only where it will run, and the
+    # reason given is the gate, not a missing file.
+    _artifact(tmp_path, model, None, int8_top1_agreement=0.5)
+    (model_dir / artifact.INT8_FILE).write_bytes(b"not a TorchScript archive")
+    gated = Predictor.from_model_dir(model_dir)
+    assert gated.precision != "int8" and "int8 agreed with fp32 on only 50.0%" in gated.precision_reason
     # Saving new weights removes an int8 model made from the old ones.
     _artifact(tmp_path, model, None)
     assert not (model_dir / artifact.INT8_FILE).exists()
