@@ -158,6 +158,9 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
             # here: a c1 p50 of 16.8 ms in the first 40 requests, 12.6-15.6 ms after).
             run_load(client, jpegs, 4, warmup)
         per_round = max(1, requests // rounds)
+        # The JVM's CPU per request: it runs on the model's cores (and JIT-compiles there).
+        jvms = {label: server.jvm() for label, server in servers.items()}
+        jvm_cpu = {label: -sum(jvm.cpu_times()[:2]) for label, jvm in jvms.items()}
         latencies = {label: [] for label in clients}
         seconds4 = {label: 0.0 for label in clients}
         for _ in range(rounds):
@@ -168,6 +171,9 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         for _ in range(rounds):
             for label, client in clients.items():
                 seconds4[label] += per_round / run_load(client, jpegs, 4, per_round)[0]
+        for label, jvm in jvms.items():
+            jvm_cpu[label] += sum(jvm.cpu_times()[:2])
+            row[f"{label}jvm_cpu_ms"] = jvm_cpu[label] * 1000 / (2 * per_round * rounds)
         row["img_s_c8"] = run_load(clients[""], jpegs, 8, per_round * rounds)[0]
     finally:
         for server in servers.values():
@@ -226,7 +232,8 @@ def main() -> None:
               f"{r['overhead_ms']:>9.1f} {r['img_s_c1']:>9.1f} {r['img_s_c4']:>9.1f} {r['img_s_c8']:>9.1f} "
               f"{r['naive_img_s_c4']:>9.1f} {r['c4_vs_naive']:>9.2f}")
         print(f"{'':<10} top-1 agreement with fp32: bf16 {r['bf16_top1_agreement']:.1%}, "
-              f"int8 {r['int8_top1_agreement']:.1%}")
+              f"int8 {r['int8_top1_agreement']:.1%}; the JVM's CPU per request: {r['jvm_cpu_ms']:.1f} ms "
+              f"(naive {r['naive_jvm_cpu_ms']:.1f}, one worker {r['one_worker_jvm_cpu_ms']:.1f})")
         print(f"{'':<10} 1 worker x {r['workers'] * r['threads']} threads instead: p50 {r['one_worker_p50_ms']:.1f} ms "
               f"(in-proc {r['one_worker_in_process_ms']:.1f}, overhead {r['one_worker_overhead_ms']:.1f}), "
               f"c4 {r['one_worker_img_s_c4']:.1f} img/s; the default plan gives "

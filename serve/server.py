@@ -35,7 +35,11 @@ from .settings import LOAD_FAILURE_FILE_ENV, MIB, READY_FILE_ENV, Settings, avai
 HANDLER = "serve.handler_service:handle"
 MMS_NAMESPACE = "com.amazonaws.ml.mms.ModelServer"
 # Inside a container the JVM must size itself from the container's memory, not the host's.
-DEFAULT_VMARGS = "-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError"
+# TieredStopAtLevel=1: the front end only moves bytes, and C1 code does that well enough, while
+# C2 kept compiling on the model's cores for over a thousand requests. Measured on 2 cores: the
+# JVM's CPU per request was 2-3 ms against 3-12 ms after 500-1,300 requests (docs/benchmarks.md).
+DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
+                  "-XX:TieredStopAtLevel=1")
 
 log = logging.getLogger("serve")
 

@@ -46,3 +46,21 @@ def test_serving_benchmark_quick_run(tmp_path):
     # The artifact it serves carries an int8 model and its measured agreement, as a trained one does.
     assert 0 <= row["int8_top1_agreement"] <= 1 and row["naive_img_s_c4"] > 0
     assert row["precision"] in ("fp32", "bf16", "int8")
+    # The front end's CPU per request is measured on each server's own JVM.
+    assert min(row["jvm_cpu_ms"], row["naive_jvm_cpu_ms"], row["one_worker_jvm_cpu_ms"]) > 0
+    assert "the JVM's CPU per request" in result.stdout
+
+
+def test_jvm_flags_benchmark_quick_run(tmp_path):
+    out = tmp_path / "jvm.json"
+    result = subprocess.run([sys.executable, "-m", "bench.jvm_flags", "--quick", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["variants"]["default"] != report["variants"]["other"]
+    assert "-XX:TieredStopAtLevel=1" not in report["variants"]["other"]
+    assert len(report["rounds"]) == 2
+    for row in report["rounds"]:
+        for label in ("default", "other"):
+            assert row[f"{label}_jvm_cpu_ms"] > 0 and row[f"{label}_img_s_c4"] > 0 and row[f"{label}_p50_ms"] > 0
+    assert "JVM CPU per request" in result.stdout

@@ -147,6 +147,9 @@ def test_ping_and_start_up_log(server):
     code, body = server.ping()
     assert code == 200 and json.loads(body)["status"] == "Healthy"
     assert " workers x " in server.output and "payload limit 1.0 MB" in server.output
+    # The JVM runs with serve's flags (through sagemaker-inference's config and MMS's launcher).
+    jvm_args = server.jvm().cmdline()
+    assert "-XX:TieredStopAtLevel=1" in jvm_args and "-XX:MaxRAMPercentage=25" in jvm_args, jvm_args
 
 
 @pytest.mark.parametrize("name,ctype", [
