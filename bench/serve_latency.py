@@ -52,12 +52,11 @@ class InProcess:
         self.predictor.warm_up()
         self.times: list[float] = []
 
-    def measure(self, repeats: int) -> None:
+    def measure(self, image: int) -> None:
         torch.set_num_threads(self.threads)
-        for i in range(repeats):
-            t = time.perf_counter()
-            self.predictor.predict([self.jpegs[i % len(self.jpegs)]])
-            self.times.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        self.predictor.predict([self.jpegs[image % len(self.jpegs)]])
+        self.times.append((time.perf_counter() - t) * 1000)
 
     @property
     def median_ms(self) -> float:
@@ -163,11 +162,17 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         jvm_cpu = {label: -sum(jvm.cpu_times()[:2]) for label, jvm in jvms.items()}
         latencies = {label: [] for label in clients}
         seconds4 = {label: 0.0 for label in clients}
-        for _ in range(rounds):
+        # At concurrency 1 the servers and the in-process runs take turns request by request, on
+        # the same image, so that a slow spell of the machine falls on all of them alike.
+        for i in range(per_round * rounds):
             for label, client in clients.items():
                 if label in inproc:
-                    inproc[label].measure(per_round)
-                latencies[label] += run_load(client, jpegs, 1, per_round)[1]
+                    inproc[label].measure(i)
+                t = time.perf_counter()
+                code, body = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
+                latencies[label].append((time.perf_counter() - t) * 1000)
+                if code != 200:
+                    raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
         for _ in range(rounds):
             for label, client in clients.items():
                 seconds4[label] += per_round / run_load(client, jpegs, 4, per_round)[0]
@@ -224,7 +229,8 @@ def main() -> None:
               f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
               f"{'vs naive':>9}")
     print(f"JPEG 500x375, crop {crop}, {requests} requests per level, one image per request, "
-          "keep-alive connections, after a warm-up; the three servers take turns in rounds")
+          "keep-alive connections, after a warm-up; at c1 the three servers and the in-process runs take turns "
+          "request by request, at c4 in rounds")
     print(header)
     for r in rows:
         print(f"{r['arch']:<10} {str(r['workers']) + 'x' + str(r['threads']):>6} {r['precision']:>5} "

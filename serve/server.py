@@ -36,8 +36,9 @@ HANDLER = "serve.handler_service:handle"
 MMS_NAMESPACE = "com.amazonaws.ml.mms.ModelServer"
 # Inside a container the JVM must size itself from the container's memory, not the host's.
 # TieredStopAtLevel=1: the front end only moves bytes, and C1 code does that well enough, while
-# C2 kept compiling on the model's cores for over a thousand requests. Measured on 2 cores: the
-# JVM's CPU per request was 2-3 ms against 3-12 ms after 500-1,300 requests (docs/benchmarks.md).
+# C2 kept compiling on the model's cores for over a thousand requests. Measured side by side on
+# 2 cores (bench/jvm_flags.py): the JVM's CPU per request over requests 600-1,200 was 2.0 ms
+# (median) against 3.9 ms, and C2 still took up to 9.8 ms in rounds after request 1,000.
 DEFAULT_VMARGS = ("-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError "
                   "-XX:TieredStopAtLevel=1")
 
