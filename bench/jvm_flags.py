@@ -19,16 +19,11 @@ import time
 from pathlib import Path
 
 from bench.images import photo_like_jpegs
-from bench.serve_latency import KeepAliveClient, add_int8_and_agreement, make_artifact, run_load
+from bench.serve_latency import KeepAliveClient, add_int8_and_agreement, cpu_seconds, make_artifact, run_load
 from serve.process import ServeProcess
 from serve.server import DEFAULT_VMARGS
 
 C1_ONLY = "-XX:TieredStopAtLevel=1"
-
-
-def cpu_seconds(proc) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
 
 
 def main() -> None:

@@ -82,6 +82,12 @@ def add_int8_and_agreement(model_dir: Path, jpegs: list[bytes], calibration: lis
     return agreement
 
 
+def cpu_seconds(proc) -> float:
+    """User + system CPU time of a psutil.Process."""
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -159,7 +165,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         per_round = max(1, requests // rounds)
         # The JVM's CPU per request: it runs on the model's cores (and JIT-compiles there).
         jvms = {label: server.jvm() for label, server in servers.items()}
-        jvm_cpu = {label: -sum(jvm.cpu_times()[:2]) for label, jvm in jvms.items()}
+        jvm_cpu = {label: -cpu_seconds(jvm) for label, jvm in jvms.items()}
         latencies = {label: [] for label in clients}
         seconds4 = {label: 0.0 for label in clients}
         # At concurrency 1 the servers and the in-process runs take turns request by request, on
@@ -177,7 +183,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
             for label, client in clients.items():
                 seconds4[label] += per_round / run_load(client, jpegs, 4, per_round)[0]
         for label, jvm in jvms.items():
-            jvm_cpu[label] += sum(jvm.cpu_times()[:2])
+            jvm_cpu[label] += cpu_seconds(jvm)
             row[f"{label}jvm_cpu_ms"] = jvm_cpu[label] * 1000 / (2 * per_round * rounds)
         row["img_s_c8"] = run_load(clients[""], jpegs, 8, per_round * rounds)[0]
     finally:

@@ -103,19 +103,8 @@ class ServeProcess:
 
     def jvm(self):
         """The server's JVM (MMS's front end) as a psutil.Process: its command line and CPU time."""
-        import psutil
-
-        def in_session(proc) -> bool:
-            # MMS's launcher exits after starting the JVM, so the JVM is no child of serve's; it
-            # stays in serve's session (started with start_new_session).
-            with contextlib.suppress(OSError):
-                return os.getsid(proc.pid) == self.proc.pid
-            return False
-
-        found = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "java" and in_session(p)]
-        if len(found) != 1:
-            raise AssertionError(f"expected one JVM under serve, found {len(found)}")
-        return found[0]
+        from serve.server import _own_mms_finder  # serve's own lookup: the JVM whose config is in its run dir
+        return _own_mms_finder(Path(self.run_dir))()
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None = None,
                headers: dict | None = None, timeout: float = 60) -> tuple[int, str, bytes]:
