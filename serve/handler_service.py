@@ -138,8 +138,12 @@ def _report(env_name: str, line: str) -> None:
     """Tell `serve` how loading went: MMS's /ping answers 200 before (and after) a failed load."""
     path = os.environ.get(env_name)
     if path:
-        with open(path, "a") as fh:
-            fh.write(line + "\n")
+        # one write to an O_APPEND file: two workers reporting at once cannot interleave their lines
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 _service: HandlerService | None = None

@@ -86,9 +86,13 @@ class ServeProcess:
     def wait_exit(self, timeout: float = 120) -> int:
         try:
             code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
         finally:
             self.stop()
         self._reader.join(timeout=5)
+        if code is None:  # the server's own output says why it neither started nor stopped
+            raise AssertionError(f"serve still running after {timeout} s:\n{self.output[-6000:]}")
         return code
 
     def stop(self) -> None:

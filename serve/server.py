@@ -128,19 +128,33 @@ class Watchdog(threading.Thread):
         except (OSError, ValueError):
             return False
 
+    def check(self) -> str | None:
+        """One look at the workers' reports: why the server must stop, or None. Logs readiness once."""
+        reasons = _report_lines(self.failure_file)
+        if reasons:
+            return f"the model could not be loaded: {reasons[0]}"
+        if not self.ready and self._healthy():
+            self.ready = True
+            log.info("ready: http://127.0.0.1:%d/invocations (%d workers loaded, start-up %.1f s)", self.port,
+                     self.workers, time.monotonic() - self.started)
+        elif not self.ready and time.monotonic() - self.started > self.startup_timeout:
+            return (f"the model server was not healthy after {self.startup_timeout:.0f} s "
+                    "(SAGEMAKER_STARTUP_TIMEOUT); its log above says why.")
+        return None
+
     def run(self) -> None:
+        logged: set[str] = set()
         while not self.failed:
             time.sleep(0.25 if not self.ready else 1.0)
-            if self.failure_file.exists():
-                reason = self.failure_file.read_text().strip().splitlines()[0]
-                self.fail(f"the model could not be loaded: {reason}")
-            elif not self.ready and self._healthy():
-                self.ready = True
-                log.info("ready: http://127.0.0.1:%d/invocations (%d workers loaded, start-up %.1f s)", self.port,
-                         self.workers, time.monotonic() - self.started)
-            elif not self.ready and time.monotonic() - self.started > self.startup_timeout:
-                self.fail(f"the model server was not healthy after {self.startup_timeout:.0f} s "
-                          "(SAGEMAKER_STARTUP_TIMEOUT); its log above says why.")
+            try:
+                reason = self.check()
+            except Exception as exc:  # noqa: BLE001 - a dead watchdog leaves a server that neither starts nor stops
+                if repr(exc) not in logged:
+                    logged.add(repr(exc))
+                    log.exception("watchdog: %r; still watching", exc)
+                continue
+            if reason:
+                self.fail(reason)
 
     def fail(self, message: str) -> None:
         self.failed = message
@@ -150,6 +164,15 @@ class Watchdog(threading.Thread):
         # The toolkit may still be waiting to find the server process; do not wait with it.
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def _report_lines(path: Path) -> list[str]:
+    """A report file's non-blank lines. A worker creates the file before its line is in it, so an
+    empty file is a report still being written, not a report."""
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def _unpacked(model_dir: Path, run_dir: Path) -> Path:
