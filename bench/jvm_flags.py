@@ -48,8 +48,7 @@ def main() -> None:
         servers = {}
         try:
             for label, vmargs in variants.items():
-                servers[label] = ServeProcess(base, base / f"mms-{label}",
-                                              SAGEMAKER_MODEL_SERVER_VMARGS=vmargs).wait_ready(timeout=300)
+                servers[label] = ServeProcess(base, SAGEMAKER_MODEL_SERVER_VMARGS=vmargs).wait_ready(timeout=300)
             jvms = {label: server.jvm() for label, server in servers.items()}
             clients = {label: KeepAliveClient(server.port) for label, server in servers.items()}
             for r in range(rounds):

@@ -155,7 +155,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         # All three stay up and take turns, a few requests each per round, so that each ratio is
         # measured side by side: on these machines a whole minute can run 20% slow.
         for label, env in configs.items():
-            servers[label] = ServeProcess(base, work / f"{arch}-{label}mms", **env).wait_ready(timeout=300)
+            servers[label] = ServeProcess(base, **env).wait_ready(timeout=300)
             row[f"{label}startup_s"] = servers[label].ready_after
         clients = {label: KeepAliveClient(server.port) for label, server in servers.items()}
         for client in clients.values():

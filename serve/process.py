@@ -37,13 +37,11 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, base: Path, tmp: Path, command: list[str] | None = None, **env):
-        """base: a folder shaped like /opt/ml (base/model holds the artifact); tmp: MMS's log files."""
+    def __init__(self, base: Path, command: list[str] | None = None, **env):
+        """base: a folder shaped like /opt/ml (base/model holds the artifact)."""
         self.port = free_port()
-        tmp.mkdir(parents=True, exist_ok=True)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "IMGCLS_", "SM_"))}
-        full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port),
-                        LOG_LOCATION=str(tmp / "logs"), METRICS_LOCATION=str(tmp / "logs"))
+        full_env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port))
         full_env.update({k: str(v) for k, v in env.items()})
         self.started = time.monotonic()
         self.ready_after: float | None = None

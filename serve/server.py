@@ -30,9 +30,11 @@ import psutil
 from imgcls.artifact import METADATA_FILE, WEIGHTS_FILE, read_card
 from imgcls.errors import ArtifactError, ClassifierError
 
+from .mms_log import log4j2_config
 from .settings import LOAD_FAILURE_FILE_ENV, MIB, READY_FILE_ENV, Settings, available_cpus, plan_concurrency
 
 HANDLER = "serve.handler_service:handle"
+LOG_CONFIG_FILE = "log4j2.xml"  # in the run dir
 MMS_NAMESPACE = "com.amazonaws.ml.mms.ModelServer"
 # Inside a container the JVM must size itself from the container's memory, not the host's.
 # TieredStopAtLevel=1: the front end only moves bytes, and C1 code does that well enough, while
@@ -224,8 +226,6 @@ def _prepare(environ, run_dir: Path) -> dict:
         "SAGEMAKER_MAX_PAYLOAD_IN_MB": str(math.ceil(2 * settings.max_body_bytes / MIB) + 1),
         LOAD_FAILURE_FILE_ENV: str(run_dir / "load-failure"),
         READY_FILE_ENV: str(run_dir / "ready"),
-        "LOG_LOCATION": environ.get("LOG_LOCATION", str(run_dir / "logs")),
-        "METRICS_LOCATION": environ.get("METRICS_LOCATION", str(run_dir / "logs")),
         "SAGEMAKER_MODEL_SERVER_VMARGS": environ.get("SAGEMAKER_MODEL_SERVER_VMARGS", DEFAULT_VMARGS),
         # multi-model-server is a script next to this Python (a venv is not always on PATH).
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}",
@@ -236,6 +236,7 @@ def _prepare(environ, run_dir: Path) -> dict:
         # MMS resolves the model path against its model store, "/": it must be absolute.
         "SAGEMAKER_BASE_DIR": str(model_dir.parent),
     }
+    (run_dir / LOG_CONFIG_FILE).write_text(log4j2_config(settings.access_log))
     log.info("model %s: %s, %d classes; port %d; %d CPUs, %d GPUs -> %d workers x %d threads; "
              "payload limit %.1f MB; run dir %s", model_dir, card.arch, card.num_classes, port, cpus, gpus, workers,
              threads, settings.max_body_bytes / MIB, run_dir)
@@ -257,6 +258,7 @@ def main() -> int:
 
     # The toolkit writes its config to /etc by default; a user without root could not start it.
     model_server.MMS_CONFIG_FILE = str(run_dir / "mms.properties")
+    model_server.DEFAULT_MMS_LOG_FILE = str(run_dir / LOG_CONFIG_FILE)
     model_server._retrieve_mms_server_process = _own_mms_finder(run_dir)
     watchdog = Watchdog(_port(os.environ), run_dir,
                         int(env["SAGEMAKER_MODEL_SERVER_WORKERS"]),

@@ -46,6 +46,7 @@ class Settings:
     threads: int = 0              # intra-op threads per worker; 0 leaves torch's default
     precision: str = "auto"       # auto: bf16 or int8 where the artifact's agreement allows (predictor)
     compile: str = "auto"         # how the model runs: imgcls.inference (frozen trace on CPU, eager on GPU)
+    access_log: bool = False      # the model server prints a line per request
     url: UrlPolicy = UrlPolicy()
 
     @classmethod
@@ -69,6 +70,7 @@ class Settings:
             threads=env.integer("IMGCLS_THREADS", 0, minimum=0),
             precision=precision,
             compile=compile_mode,
+            access_log=env.flag("IMGCLS_ACCESS_LOG"),
             url=UrlPolicy(
                 enabled=env.flag("IMGCLS_URL_FETCH"),
                 allow_private=env.flag("IMGCLS_URL_ALLOW_PRIVATE"),

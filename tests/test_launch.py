@@ -359,7 +359,7 @@ def test_predict_against_a_local_server(tmp_path, capsys):
     images.mkdir()
     (images / "a.jpg").write_bytes(_jpeg((200, 10, 10)))
     (images / "b.png").write_bytes(b"not a png")
-    server = ServeProcess(tmp_path / "ml", tmp_path / "mms").wait_ready()
+    server = ServeProcess(tmp_path / "ml").wait_ready()
     try:
         code = launch.main(["predict", str(images), "--url", server.url, "--top-k", "2"])
         out = capsys.readouterr().out.splitlines()

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def origin(images):
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    srv = Server(trained.base, tmp_path_factory.mktemp("mms"), SAGEMAKER_MAX_PAYLOAD_IN_MB="1",
+    srv = Server(trained.base, SAGEMAKER_MAX_PAYLOAD_IN_MB="1",
                  IMGCLS_MAX_PIXELS=str(MAX_PIXELS), IMGCLS_URL_FETCH="true", IMGCLS_URL_ALLOW_PRIVATE="true",
                  IMGCLS_TOP_K="3", IMGCLS_CHUNK_SIZE="4",
                  IMGCLS_PRECISION="fp32")  # parity with the trainer's fp32 path, to float rounding
@@ -150,6 +151,17 @@ def test_ping_and_start_up_log(server):
     # The JVM runs with serve's flags (through sagemaker-inference's config and MMS's launcher).
     jvm_args = server.jvm().cmdline()
     assert "-XX:TieredStopAtLevel=1" in jvm_args and "-XX:MaxRAMPercentage=25" in jvm_args, jvm_args
+
+
+def test_the_log_has_no_line_per_request_unless_asked(server, images):
+    before = len(server.lines)
+    for _ in range(3):
+        assert server.invoke(images["big.jpg"].read_bytes(), "image/jpeg")[0] == 200
+    time.sleep(0.5)
+    new = "".join(server.lines[before:])
+    assert "POST /invocations" not in new and "Backend response time" not in new, new[-2000:]
+    # what the model server says at start-up is still there, with the workers' own output
+    assert "Model server started" in server.output and "MMS worker started" in server.output
 
 
 @pytest.mark.parametrize("name,ctype", [
@@ -305,7 +317,7 @@ def test_batch_transform_record(server, images, reference, tmp_path):
 
 def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_path):
     """Two endpoints on one machine (a test next to a demo, two models): each finds its own MMS."""
-    second = Server(trained.base, tmp_path / "mms2")  # precision auto, the default
+    second = Server(trained.base, IMGCLS_ACCESS_LOG="true")  # precision auto, the default
     try:
         second.wait_ready(timeout=120)
         _, card = artifact.load(trained.model_dir)
@@ -319,6 +331,8 @@ def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_
             probs = np.load(io.BytesIO(out))[0]
             np.testing.assert_allclose(probs, reference["big.jpg"], atol=atol)
             assert probs.argmax() == reference["big.jpg"].argmax()
+        time.sleep(0.5)
+        assert '"POST /invocations HTTP/1.1" 200' in second.output and "Backend response time" in second.output
     finally:
         second.stop()
     code, body = server.ping()

@@ -42,7 +42,7 @@ def test_damaged_weights_stop_the_server_with_the_reason(tmp_path):
     weights = model_dir / "model.pt"
     weights.write_bytes(weights.read_bytes()[:5000])
     started = time.monotonic()
-    server = Server(tmp_path / "ml", tmp_path / "mms")
+    server = Server(tmp_path / "ml")
     code = server.wait_exit(timeout=120)
     out = server.output
     assert code == 1, out[-3000:]
@@ -59,7 +59,7 @@ def test_weights_for_another_class_count_are_refused(tmp_path):
     meta = json.loads((model_dir / "model.json").read_text())
     meta["class_names"] = ["a", "b", "c", "d"]
     (model_dir / "model.json").write_text(json.dumps(meta))
-    server = Server(tmp_path / "ml", tmp_path / "mms")
+    server = Server(tmp_path / "ml")
     assert server.wait_exit(timeout=120) == 1
     assert "does not match model.json" in server.output
 
@@ -76,7 +76,7 @@ def test_checks_before_the_model_server_starts(tmp_path, setup, env, words):
         model_dir = make_artifact(tmp_path / "ml")
         if setup == "no-weights":
             (model_dir / "model.pt").unlink()
-    server = Server(tmp_path / "ml", tmp_path / "mms", **env)
+    server = Server(tmp_path / "ml", **env)
     assert server.wait_exit(timeout=60) == 1
     assert words in server.output
     assert "multi-model-server" not in server.output  # stopped before starting it
@@ -88,7 +88,7 @@ def test_port_in_use_is_named(tmp_path):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", port))
         busy.listen()
-        server = Server(tmp_path / "ml", tmp_path / "mms", SAGEMAKER_BIND_TO_PORT=str(port))
+        server = Server(tmp_path / "ml", SAGEMAKER_BIND_TO_PORT=str(port))
         assert server.wait_exit(timeout=60) == 1
     assert f"Port {port} is not free" in server.output
 
@@ -102,7 +102,7 @@ def test_serves_a_model_tar_gz_as_downloaded(tmp_path):
     with tarfile.open(served / "model.tar.gz", "w:gz") as tar:
         for name in ("model.json", "model.pt"):
             tar.add(model_dir / name, arcname=name)
-    server = Server(tmp_path / "ml", tmp_path / "mms")
+    server = Server(tmp_path / "ml")
     try:
         server.wait_ready()
         code, _, body = server.invoke(_jpeg(), "image/jpeg")
@@ -128,7 +128,7 @@ def test_local_test_scripts(tmp_path):
     from tests.conftest import ROOT
     make_artifact(tmp_path / "ml")
     (tmp_path / "cat.jpg").write_bytes(_jpeg())
-    server = Server(tmp_path / "ml", tmp_path / "mms",
+    server = Server(tmp_path / "ml",
                     command=[str(ROOT / "local_test" / "serve_local.sh"), "--native", str(tmp_path / "ml")])
     try:
         server.wait_ready()

@@ -63,7 +63,7 @@ def test_workers_append_whole_lines_to_the_report(tmp_path, monkeypatch):
 
 def test_a_server_that_does_not_exit_in_time_is_reported_with_its_output(tmp_path):
     from serve.process import ServeProcess
-    hung = ServeProcess(tmp_path / "ml", tmp_path / "mms", command=["sh", "-c", "echo loading; exec sleep 60"])
+    hung = ServeProcess(tmp_path / "ml", command=["sh", "-c", "echo loading; exec sleep 60"])
     try:
         hung.wait_exit(timeout=1)
     except AssertionError as exc:
