@@ -1,4 +1,4 @@
-"""int8 for CPUs without fast bf16 (imgcls.quantize): close to fp32, stored in the artifact, chosen
+"""int8 for CPUs without AMX (imgcls.quantize): close to fp32, stored in the artifact, chosen
 by the server only where the trainer measured its agreement."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from PIL import Image
 
 from imgcls import artifact, quantize
 from imgcls.errors import ArtifactError
-from imgcls.hardware import fast_bf16
+from imgcls.hardware import amx
 from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval
 from serve.predictor import Predictor, resolve_precision
@@ -83,7 +83,7 @@ def test_the_server_answers_in_int8_from_the_artifact(tmp_path, model, graph):
     assert abs(a - b).max() < 0.1
     auto = Predictor.from_model_dir(model_dir)  # bf16 fails its gate here, so auto falls to int8 on any CPU
     assert auto.precision == "int8", auto.precision_reason
-    assert "int8 has 100.0% top-1 agreement" in auto.precision_reason
+    assert "int8 on " in auto.precision_reason and "100.0% top-1 agreement" in auto.precision_reason
 
 
 def test_auto_needs_the_file_and_the_agreement(tmp_path, model, graph):
@@ -95,10 +95,31 @@ def test_auto_needs_the_file_and_the_agreement(tmp_path, model, graph):
     assert precision == "fp32" and artifact.INT8_FILE in why
     precision, why = resolve_precision("auto", card(int8_top1_agreement=1.0, bf16_top1_agreement=1.0), cpu,
                                        has_int8=True)
-    assert precision == ("bf16" if fast_bf16(cpu) else "int8"), why
+    assert precision == ("bf16" if amx(cpu) else "int8"), why
     # int8 kernels are CPU kernels: another device never gets it from auto.
     assert resolve_precision("auto", card(int8_top1_agreement=1.0), torch.device("mps"), has_int8=True)[0] != "int8"
     assert Settings.from_env({"IMGCLS_PRECISION": "INT8"}).precision == "int8"
+
+
+@pytest.mark.parametrize("kind, has_amx, has_bf16, order", [
+    ("AMX CPU", True, True, ("bf16", "int8")),
+    ("AVX512-BF16 CPU", False, True, ("int8", "bf16")),
+    ("AVX2 CPU", False, False, ("int8", "fp32")),
+])
+def test_auto_tries_the_fastest_precision_of_the_cpu_first(monkeypatch, kind, has_amx, has_bf16, order):
+    # Stands in for CPUs this machine is not: the measured order is AMX bf16 first, else int8.
+    import serve.predictor as predictor
+    monkeypatch.setattr(predictor, "amx", lambda device: has_amx)
+    monkeypatch.setattr(predictor, "fast_bf16", lambda device: has_bf16)
+    cpu = torch.device("cpu")
+    card = lambda **m: artifact.ModelCard(arch="resnet18", class_names=CLASSES, preprocess={}, metrics=m)  # noqa: E731
+    both = card(int8_top1_agreement=1.0, bf16_top1_agreement=1.0)
+    assert resolve_precision("auto", both, cpu, has_int8=True)[0] == order[0], kind
+    # The first one failing its gate (or missing) leaves the second.
+    first_fails = card(**{f"{order[0]}_top1_agreement": 0.9, f"{order[1]}_top1_agreement": 1.0})
+    precision, why = resolve_precision("auto", first_fails, cpu, has_int8=True)
+    assert precision == order[1] and f"{order[0]} agreed with fp32 on only 90.0%" in why, (kind, why)
+    assert resolve_precision("auto", both, cpu, has_int8=False)[0] == ("bf16" if has_bf16 else "fp32"), kind
 
 
 def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):

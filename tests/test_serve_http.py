@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from imgcls import artifact
-from imgcls.hardware import fast_bf16
+from imgcls.hardware import amx, fast_bf16
 from imgcls.images import open_image
 from serve.process import ServeProcess as Server
 from tests.conftest import Job
@@ -322,8 +322,10 @@ def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_
         second.wait_ready(timeout=120)
         _, card = artifact.load(trained.model_dir)
         has_int8 = (trained.model_dir / artifact.INT8_FILE).is_file()
-        auto = ("bf16" if fast_bf16(torch.device("cpu")) and card.metrics["bf16_top1_agreement"] >= 0.99 else
-                "int8" if has_int8 and card.metrics["int8_top1_agreement"] >= 0.99 else "fp32")
+        cpu = torch.device("cpu")
+        usable = {"bf16": fast_bf16(cpu) and card.metrics["bf16_top1_agreement"] >= 0.99,
+                  "int8": has_int8 and card.metrics["int8_top1_agreement"] >= 0.99}
+        auto = next((p for p in (("bf16", "int8") if amx(cpu) else ("int8", "bf16")) if usable[p]), "fp32")
         assert f"precision {auto} (" in second.output
         for srv, atol in ((second, {"bf16": 0.02, "int8": 0.05}.get(auto, ATOL)), (server, ATOL)):
             code, _, out = srv.invoke(images["big.jpg"].read_bytes(), "image/jpeg", accept="application/x-npy")

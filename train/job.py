@@ -315,7 +315,7 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
         return None
     final["int8_top1_agreement"] = agreement
     log.info("int8 gives the same top-1 class as fp32 on %.1f%% of %d %s images (the server answers in int8 on CPUs "
-             "without fast bf16 where this is at least 99%%)", 100 * agreement, compared, channel)
+             "without AMX where this is at least 99%%)", 100 * agreement, compared, channel)
     return graph
 
 
