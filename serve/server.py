@@ -122,7 +122,7 @@ class Watchdog(threading.Thread):
     def _healthy(self) -> bool:
         # /ping says Healthy before any worker has loaded the model (and with no model at all),
         # so readiness is every worker's own report plus the server answering.
-        if not self.ready_file.exists() or len(self.ready_file.read_text().split()) < self.workers:
+        if len(_report_lines(self.ready_file)) < self.workers:
             return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2) as resp:

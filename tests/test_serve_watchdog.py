@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 import time
 
 from serve import server
@@ -28,6 +31,32 @@ def test_no_report_and_no_server_is_not_ready_until_the_start_up_timeout(tmp_pat
     assert dog.check() is None and not dog.ready
     late = watchdog(tmp_path, startup_timeout=0.0)
     assert "not healthy after 0 s (SAGEMAKER_STARTUP_TIMEOUT)" in late.check()
+
+
+def test_ready_is_every_worker_reported_and_the_server_healthy(tmp_path):
+    class Ping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = json.dumps({"status": "Healthy"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    mms = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+    threading.Thread(target=mms.serve_forever, daemon=True).start()
+    try:
+        dog = server.Watchdog(port=mms.server_address[1], run_dir=tmp_path, workers=2, startup_timeout=600.0,
+                              started=time.monotonic())
+        ready = tmp_path / "ready"
+        ready.write_text("101\n\n")  # one worker, and a second one's report not written yet
+        assert dog.check() is None and not dog.ready
+        ready.write_text("101\n\n102\n")
+        assert dog.check() is None and dog.ready
+    finally:
+        mms.shutdown()
 
 
 def test_the_watchdog_survives_an_error_and_still_stops_the_server(tmp_path, monkeypatch, caplog):
