@@ -43,12 +43,12 @@ def make_artifact(base: Path, arch: str, crop: int, classes: int = 10) -> Path:
 
 class InProcess:
     """The same request through serve.predictor in this process, with a worker's thread count, in
-    the precision the server's auto picks."""
+    the precision the server picks."""
 
-    def __init__(self, model_dir: Path, jpegs: list[bytes], threads: int):
+    def __init__(self, model_dir: Path, jpegs: list[bytes], threads: int, precision: str = "auto"):
         self.jpegs, self.threads = jpegs, threads
         torch.set_num_threads(threads)
-        self.predictor = Predictor.from_model_dir(model_dir)
+        self.predictor = Predictor.from_model_dir(model_dir, precision=precision)
         self.predictor.warm_up()
         self.times: list[float] = []
 
@@ -136,19 +136,21 @@ def run_load(client: KeepAliveClient, jpegs: list[bytes], concurrency: int, tota
 
 
 def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes], requests: int,
-               work: Path, warmup: int, rounds: int) -> dict:
+               work: Path, warmup: int, rounds: int, precision: str = "auto") -> dict:
     base = work / arch
     model_dir = make_artifact(base, arch, crop)
     agreement = add_int8_and_agreement(model_dir, jpegs, calibration)
     workers, threads = plan_concurrency(available_cpus(), 0)
-    inproc = {"": InProcess(model_dir, jpegs, threads), "one_worker_": InProcess(model_dir, jpegs, workers * threads)}
+    inproc = {"": InProcess(model_dir, jpegs, threads, precision),
+              "one_worker_": InProcess(model_dir, jpegs, workers * threads, precision)}
     row = {"arch": arch, "crop": crop, "workers": workers, "threads": threads,
            "precision": inproc[""].predictor.precision,
            "bf16_top1_agreement": agreement["bf16"], "int8_top1_agreement": agreement["int8"]}
     # ours, the naive handler on the same server (same workers, same port range, same images), and
     # ours with one worker using every CPU: the plan that trades throughput for latency at rest.
-    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads)}
-    configs = {"": {}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
+    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads),
+                  "IMGCLS_PRECISION": precision}
+    configs = {"": {"IMGCLS_PRECISION": precision}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
                "one_worker_": one_worker}
     servers: dict[str, ServeProcess] = {}
     try:
@@ -219,6 +221,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that keeps the benchmark working")
     p.add_argument("--archs", default="resnet18,resnet50")
     p.add_argument("--requests", type=int, help="requests per measurement")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="IMGCLS_PRECISION for our server and the in-process runs (the naive handler is always fp32)")
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_latency.json"))
     args = p.parse_args()
     crop = 64 if args.quick else 224
@@ -230,7 +234,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         for arch in args.archs.split(","):
             rows.append(bench_arch(arch.strip(), crop, jpegs, calibration, requests, Path(tmp),
-                                   warmup=4 if args.quick else 40, rounds=2 if args.quick else 4))
+                                   warmup=4 if args.quick else 40, rounds=2 if args.quick else 4,
+                                   precision=args.precision))
     header = (f"{'arch':<10} {'w x t':>6} {'prec':>5} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
               f"{'vs naive':>9}")
