@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_training_benchmark_quick_run(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--archs", "resnet18",
-                             "--precision", "int8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]

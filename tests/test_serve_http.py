@@ -327,7 +327,9 @@ def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_
                   "int8": has_int8 and card.metrics["int8_top1_agreement"] >= 0.99}
         auto = next((p for p in (("bf16", "int8") if amx(cpu) else ("int8", "bf16")) if usable[p]), "fp32")
         assert f"precision {auto} (" in second.output
-        for srv, atol in ((second, {"bf16": 0.02, "int8": 0.05}.get(auto, ATOL)), (server, ATOL)):
+        # int8 is gated on picking fp32's top-1 class (asserted below), not on its probabilities:
+        # on this tiny model they moved by up to 0.07 on a Zen 4 CPU (tests/test_int8.py allows 0.1).
+        for srv, atol in ((second, {"bf16": 0.02, "int8": 0.1}.get(auto, ATOL)), (server, ATOL)):
             code, _, out = srv.invoke(images["big.jpg"].read_bytes(), "image/jpeg", accept="application/x-npy")
             assert code == 200
             probs = np.load(io.BytesIO(out))[0]
