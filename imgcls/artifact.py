@@ -6,7 +6,7 @@
     model_int8.pt  optional: the same model quantized to int8 (imgcls.quantize), TorchScript
 
 Nothing else is needed to rebuild the model and its preprocessing; model_int8.pt is a faster
-form of model.pt for CPUs without AMX.
+form of model.pt for CPU servers.
 """
 
 from __future__ import annotations

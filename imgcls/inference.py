@@ -4,7 +4,7 @@ measures with it whether bf16 answers like fp32 (the gate serve's precision=auto
 At batch 1 on CPU most of eager bf16's time is overhead: autocast casts every weight on every
 call and BatchNorm runs as its own pass. A trace frozen under autocast folds BatchNorm into the
 convolutions and keeps the cast weights as constants; measured here, ResNet-18 at 224 px went
-from 12.4 to 6.1 ms per image and ResNet-50 from 31 to 16 ms (2 cores with AMX). Inductor
+from 12.4 to 6.1 ms per image and ResNet-50 from 31 to 16 ms (2 cores with AMX, 2026-11-25). Inductor
 (`torch.compile`) is faster still (3.6 ms) but compiles for about 20 s per worker on these
 cores, so it is an option, not the default.
 """

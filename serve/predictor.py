@@ -16,7 +16,7 @@ from PIL import Image
 
 from imgcls import artifact, quantize
 from imgcls.errors import ArtifactError, ClassifierError
-from imgcls.hardware import amx, fast_bf16
+from imgcls.hardware import fast_bf16
 from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
 from imgcls.inference import InferenceModel
 
@@ -36,12 +36,10 @@ def _agreement_gate(card: artifact.ModelCard, name: str) -> str | None:
 
 
 def auto_order(device: torch.device) -> tuple[str, ...]:
-    """The precisions auto tries, fastest first. On a CPU without AMX the int8 trace beat bf16
-    (2.3x for ResNet-18, 2.6x for ResNet-50 at batch 1, AVX512-BF16 with VNNI); with AMX, bf16
-    was measured fast (6.1 ms for ResNet-18) and int8 was not measured, so bf16 stays first."""
-    if device.type != "cpu":
-        return ("bf16",)
-    return ("bf16", "int8") if amx(device) else ("int8", "bf16")
+    """The precisions auto tries, fastest first. On every CPU measured, the int8 trace beat the bf16
+    trace at batch 1, one thread: 2.7-2.9x with AMX (ResNet-18 6.2 against 16.9 ms), 2.3-2.6x with
+    AVX512-BF16 alone (docs/benchmarks.md). int8 kernels are CPU kernels: other devices try bf16 only."""
+    return ("int8", "bf16") if device.type == "cpu" else ("bf16",)
 
 
 def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.device,
@@ -59,7 +57,7 @@ def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.de
         else:
             why_not = (f"the artifact has no {artifact.INT8_FILE}" if not has_int8 else
                        None if quantize.available() else f"this torch has no {quantize.ENGINE} quantization engine")
-            fast = "int8 on a CPU without AMX" if not amx(device) else "int8 on the CPU"
+            fast = f"int8 on {device}"
         why_not = why_not or _agreement_gate(card, name)
         if why_not is None:
             agreement = card.metrics[f"{name}_top1_agreement"]
@@ -107,7 +105,7 @@ class Predictor:
         model, card = artifact.load(model_dir, map_location="cpu")
         has_int8 = (model_dir / artifact.INT8_FILE).is_file()
         # Read the int8 model (12-25 MB of TorchScript) only where it will run: not where auto picks
-        # bf16 (a GPU, an AMX CPU) or fp32.
+        # bf16 (a GPU, or where int8 fails its gate) or fp32.
         if resolve_precision(kwargs.get("precision", "auto"), card, torch.device(device), has_int8)[0] == "int8":
             kwargs["int8_model"] = artifact.load_int8(model_dir)
         return cls(model, card, device, has_int8=has_int8, **kwargs)

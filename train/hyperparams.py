@@ -54,7 +54,7 @@ class Config:
     cache_images: str = "auto"       # decode each image once and keep it resized in memory (train.cache)
     compile: bool = False            # torch.compile the training model (inductor); see train.job.compiled
     gpu_decode: bool = False         # decode training JPEGs a batch at a time on the device (train.device_decode)
-    int8: bool = True                # also write an int8 model for CPUs without AMX (train.int8)
+    int8: bool = True                # also write an int8 model for CPU servers (train.int8)
     processes_per_host: int = 0      # 0 or "auto": one per GPU, one on a CPU host (train.launcher)
     profile_interval_ms: int = 500   # system monitor interval; 0 turns it off
     profile_steps: str = ""          # "START:COUNT": a torch.profiler trace of those training steps

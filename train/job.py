@@ -314,8 +314,8 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
         return None
     final["int8_top1_agreement"] = agreement
-    log.info("int8 gives the same top-1 class as fp32 on %.1f%% of %d %s images (the server answers in int8 on CPUs "
-             "without AMX where this is at least 99%%)", 100 * agreement, compared, channel)
+    log.info("int8 gives the same top-1 class as fp32 on %.1f%% of %d %s images (a CPU server answers in int8 where "
+             "this is at least 99%%)", 100 * agreement, compared, channel)
     return graph
 
 
