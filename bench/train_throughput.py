@@ -101,7 +101,9 @@ class Setup:
         caches = {}
         if config in ("default", "compiled"):  # what a job does before its first epoch (cache-images)
             evals = {"valid": [p for p, _ in valid_ch.samples]} if valid_ch else {}
-            caches = cache.decode_splits([p for p, _ in train_ch.samples], evals, eval_preset, os.cpu_count() or 1)
+            train_paths = [p for p, _ in train_ch.samples]
+            train_size, _ = cache.plan("true", train_paths, sum(map(len, evals.values())), eval_preset)
+            caches = cache.decode_splits(train_paths, evals, eval_preset, os.cpu_count() or 1, train_size)
         self.cache_seconds = sum(c.seconds for c in caches.values())
         self.batcher = Batcher(device, preset.normalize, self.channels_last)
         self.train_batcher = self.batcher

@@ -35,8 +35,10 @@ def test_cached_training_images_are_augmented_from_the_resized_image(tmp_path):
     channel = _channel(tmp_path, size=96)
     eval_preset = ClassificationPresetEval(32)
     train_preset = ClassificationPresetTrain(32, "light")
-    decoded = cache.DecodedImages([p for p, _ in channel.samples], cache.resize_shorter(eval_preset.resize_size), 2)
-    assert {tuple(t.shape) for t in decoded.images} == {(3, 37, 37)}  # shorter side at the eval resize size
+    full, reduced = cache.train_sizes(eval_preset)
+    assert (full, reduced) == (74, 37)
+    decoded = cache.DecodedImages([p for p, _ in channel.samples], cache.ShorterAtMost(full), 2)
+    assert {tuple(t.shape) for t in decoded.images} == {(3, 74, 74)}  # 96 px brought down to twice the resize size
     loader = data.make_loader(channel, train_preset, 4, shuffle=True, seed=1, workers=1, pin_memory=False,
                               cache=decoded)
     loader.sampler.set_epoch(0)
@@ -49,11 +51,38 @@ def test_cached_training_images_are_augmented_from_the_resized_image(tmp_path):
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, other, strict=True))  # still random
 
 
-def test_auto_caches_what_fits_in_a_quarter_of_free_memory():
-    needed = cache.estimate_bytes(1000, 200, 256, 224)
-    assert needed == 3 * (1000 * 256 * 341 + 200 * 224 * 224)
-    assert cache.should_cache("auto", needed, available=8 * needed)[0]
-    off, why = cache.should_cache("auto", needed, available=2 * needed)
-    assert not off and "decoding every epoch" in why
-    assert cache.should_cache("true", needed, available=1)[0]
-    assert not cache.should_cache("false", 1, available=10**12)[0]
+def test_cached_training_images_below_the_limit_are_exactly_the_uncached_path(tmp_path):
+    """Images no larger than the train limit are kept as decoded: random crops see the same pixels as
+    when every epoch decodes the files (the eval-size cache resampled them twice)."""
+    channel = _channel(tmp_path, size=48)
+    eval_preset = ClassificationPresetEval(32)
+    train_preset = ClassificationPresetTrain(32, "light")
+    caches = cache.decode_splits([p for p, _ in channel.samples], {}, eval_preset, 2,
+                                 cache.train_sizes(eval_preset)[0])
+    assert {tuple(t.shape) for t in caches["train"].images} == {(3, 48, 48)}
+    plain = data.make_loader(channel, train_preset, 4, shuffle=True, seed=3, workers=0, pin_memory=False)
+    cached = data.make_loader(channel, train_preset, 4, shuffle=True, seed=3, workers=0, pin_memory=False,
+                              cache=caches["train"])
+    for loader in (plain, cached):
+        loader.sampler.set_epoch(2)
+    for (a, la), (b, lb) in zip(_batches(plain), _batches(cached), strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_auto_keeps_full_size_train_images_when_they_fit_then_the_eval_size_then_none(tmp_path):
+    channel = _channel(tmp_path, size=96)  # 12 train images, 96 x 96
+    train = [p for p, _ in channel.samples]
+    eval_preset = ClassificationPresetEval(32)  # limits 74 and 37
+    eval_bytes = 3 * 5 * 32 * 32
+    full = 12 * 3 * 74 * 74 + eval_bytes
+    reduced = 12 * 3 * 37 * 37 + eval_bytes
+    assert cache.stored_bytes(train, 74) == 12 * 3 * 74 * 74
+    assert cache.stored_bytes(train, 200) == 12 * 3 * 96 * 96  # smaller images are kept as they are
+    assert cache.plan("auto", train, 5, eval_preset, available=4 * full)[0] == 74
+    size, why = cache.plan("auto", train, 5, eval_preset, available=4 * full - 4)
+    assert size == 37 and "resampled twice" in why
+    assert cache.plan("auto", train, 5, eval_preset, copies=2, available=4 * full)[0] == 37  # two ranks' copies
+    off, why = cache.plan("auto", train, 5, eval_preset, available=4 * reduced - 4)
+    assert off is None and "decoding every epoch" in why
+    assert cache.plan("true", train, 5, eval_preset, available=1)[0] == 37
+    assert cache.plan("false", train, 5, eval_preset, available=10**12)[0] is None

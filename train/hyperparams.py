@@ -51,7 +51,7 @@ class Config:
     num_workers: int = -1            # -1 or "auto": from the CPU count
     precision: str = "auto"
     channels_last: bool = True
-    cache_images: str = "auto"       # decode each image once and keep it resized in memory (train.cache)
+    cache_images: str = "auto"       # decode each image once and keep it in memory as uint8 (train.cache)
     compile: bool = False            # torch.compile the training model (inductor); see train.job.compiled
     gpu_decode: bool = False         # decode training JPEGs a batch at a time on the device (train.device_decode)
     int8: bool = True                # also write an int8 model for CPU servers (train.int8)

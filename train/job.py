@@ -90,17 +90,18 @@ def decode_once(cfg: hyperparams.Config, splits: Splits, eval_preset, threads: i
     """Per channel name, its decoded images when they are to be kept in memory (cache-images).
     copies: processes on this host that each keep their own (data-parallel ranks)."""
     evals = [c for c in (splits.valid, splits.test) if c is not None]
-    needed = copies * cache.estimate_bytes(len(splits.train.samples), sum(len(c.samples) for c in evals),
-                                           eval_preset.resize_size, eval_preset.crop_size)
-    use, why = cache.should_cache(cfg.cache_images, needed)
-    if not use:
+    paths = lambda c: [p for p, _ in c.samples]  # noqa: E731
+    train_size, why = cache.plan(cfg.cache_images, paths(splits.train), sum(len(c.samples) for c in evals),
+                                 eval_preset, copies)
+    if train_size is None:
         log.info("decode once: off (%s)", why)
         return {}
-    paths = lambda c: [p for p, _ in c.samples]  # noqa: E731
-    caches = cache.decode_splits(paths(splits.train), {c.name: paths(c) for c in evals}, eval_preset, threads)
-    log.info("decode once: %s images kept in memory (%.0f MiB, decoded in %.1f s; %s); later epochs skip decoding",
+    caches = cache.decode_splits(paths(splits.train), {c.name: paths(c) for c in evals}, eval_preset, threads,
+                                 train_size)
+    log.info("decode once: %s images kept in memory (%.0f MiB, decoded in %.1f s; train images at a shorter side "
+             "of at most %d px; %s); later epochs skip decoding",
              " + ".join(f"{len(v)} {k}" for k, v in caches.items()), sum(v.nbytes for v in caches.values()) / 2**20,
-             sum(v.seconds for v in caches.values()), why)
+             sum(v.seconds for v in caches.values()), train_size, why)
     return caches
 
 
