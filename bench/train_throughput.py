@@ -13,7 +13,8 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
 Measurements per (arch, freeze, config):
   synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
   end-to-end  train_one_epoch over 500x375 photo-like JPEG files, second epoch (workers warm)
-Accuracy: resnet18 trained naive and default for the same epochs on the same shapes dataset.
+Accuracy: resnet18 trained naive and default from scratch on the same shapes dataset, for the same
+epochs and with a job's schedule, over several seeds (mean, run-to-run sd, standard error).
 Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
 valid accuracy >= naive. Writes bench/results/train_throughput.json.
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -118,11 +121,12 @@ class Setup:
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
                                       pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))
 
-    def epoch(self, model, frozen, opt, epoch: int):
+    def epoch(self, model, frozen, opt, epoch: int, sched=None):
+        """sched: the run's schedule, stepped per batch; None holds the rate (throughput runs)."""
         if hasattr(self.train.sampler, "set_epoch"):
             self.train.sampler.set_epoch(epoch)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
-        sched = finetune.warmup_cosine(opt, 10**6, 0)
+        sched = sched or finetune.warmup_cosine(opt, 10**6, 0)
         return train_one_epoch(model, self.train, self.train_batcher, nn.CrossEntropyLoss(), opt, sched, self.precision,
                                scaler, 1, lambda: finetune.set_train_mode(model, frozen))
 
@@ -210,6 +214,12 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
     return rows
 
 
+def schedule(opt, epochs: int, steps: int):
+    """A job's schedule (train.job, default warmup-epochs): warm-up, then cosine decay over every epoch.
+    At a held rate the last epoch's weights, and so the valid accuracy, swing from seed to seed."""
+    return finetune.warmup_cosine(opt, epochs * steps, round(0.5 * steps))
+
+
 def accuracy(args, device, workers, work: Path) -> dict:
     """resnet18 from scratch, naive and default, same data and epochs, over a few seeds (model init,
     data order and augmentation): the mean valid accuracy of each, since one seed is noise here."""
@@ -224,18 +234,25 @@ def accuracy(args, device, workers, work: Path) -> dict:
         for seed in args.acc_seeds:
             setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, workers[config], device, seed)
             model, frozen, opt = build("resnet18", 6, "none", setup.channels_last, device, seed=seed)
+            sched = schedule(opt, args.acc_epochs, len(setup.train))
             start = time.perf_counter()
             for epoch in range(args.acc_epochs):
-                setup.epoch(model, frozen, opt, epoch)
+                setup.epoch(model, frozen, opt, epoch, sched)
             seconds = time.perf_counter() - start + setup.cache_seconds
             result = evaluate(model, setup.valid, setup.batcher, setup.precision, 1, 6)
             runs.append({"seed": seed, "valid_acc": result.accuracy, "valid_loss": result.loss,
                          "train_seconds": seconds})
             print(f"  accuracy {config} seed {seed}: {result.accuracy:.3f} after {args.acc_epochs} epochs "
                   f"({seconds:.0f} s)", flush=True)
-        out[config] = {"valid_acc": sum(r["valid_acc"] for r in runs) / len(runs),
-                       "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs), "runs": runs}
+        accs = [r["valid_acc"] for r in runs]
+        out[config] = {"valid_acc": statistics.fmean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else None,
+                       "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "runs": runs}
     out["default_minus_naive"] = out["default"]["valid_acc"] - out["naive"]["valid_acc"]
+    # Runs of one seed are not paired: a different data path or precision sends training on another
+    # trajectory. So the difference's standard error is that of two independent means.
+    sds = [out[c]["sd"] for c in ("naive", "default")]
+    out["difference_se"] = (math.sqrt(sum(sd**2 for sd in sds) / len(args.acc_seeds))
+                            if None not in sds else None)
     return out
 
 
@@ -273,7 +290,7 @@ def main() -> None:
     args.compile_archs = [a.strip() for a in args.compile_archs.split(",") if a.strip()]
     args.size, args.batch, args.steps = (32, 4, 2) if args.quick else (128, 32, 8)
     args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 150, 10)
-    args.acc_seeds = [3] if args.quick else [3, 4, 5]
+    args.acc_seeds = [3, 4] if args.quick else [3, 4, 5, 6, 7]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As a job picks them (num-workers=auto): none for naive, fewer where the images are decoded once.
     cpus, on_gpu = os.cpu_count() or 1, device.type == "cuda"
@@ -301,6 +318,9 @@ def main() -> None:
           f"{acc['valid_images']} valid shapes at {acc['image_size']}px, mean of seeds {acc['seeds']}): "
           f"naive {acc['naive']['valid_acc']:.3f} in {acc['naive']['train_seconds']:.0f} s a run, "
           f"default {acc['default']['valid_acc']:.3f} in {acc['default']['train_seconds']:.0f} s a run")
+    if acc["difference_se"] is not None:
+        print(f"  default - naive {acc['default_minus_naive']:+.3f}, standard error {acc['difference_se']:.3f} "
+              f"(run-to-run sd: naive {acc['naive']['sd']:.3f}, default {acc['default']['sd']:.3f})")
     print("\ntargets")
     for t in met:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")

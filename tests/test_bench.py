@@ -1,4 +1,5 @@
 import json
+import statistics
 import subprocess
 import sys
 
@@ -28,6 +29,11 @@ def test_training_benchmark_quick_run(tmp_path):
             n["end_to_end_img_s"] for n in rows if n["config"] == "naive" and n["freeze"] == r["freeze"]))
     acc = report["accuracy"]
     assert 0 <= acc["naive"]["valid_acc"] <= 1 and 0 <= acc["default"]["valid_acc"] <= 1
+    for config in ("naive", "default"):  # the spread over seeds, from the runs the report lists
+        accs = [r["valid_acc"] for r in acc[config]["runs"]]
+        assert len(accs) == len(acc["seeds"]) == 2 and acc[config]["sd"] == pytest.approx(statistics.stdev(accs))
+    assert acc["difference_se"] == pytest.approx(((acc["naive"]["sd"]**2 + acc["default"]["sd"]**2) / 2) ** 0.5)
+    assert "standard error" in result.stdout
     assert len(report["targets"]) == 5 and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "e2e/syn" in result.stdout and "targets" in result.stdout
 
