@@ -43,6 +43,7 @@ from imgcls.models import create_model
 from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
 from train import cache, data, device_decode, finetune
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
+from train.hyperparams import Config
 from train.job import auto_workers
 from train.synthetic import make_dataset
 
@@ -217,7 +218,7 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
 def schedule(opt, epochs: int, steps: int):
     """A job's schedule (train.job, default warmup-epochs): warm-up, then cosine decay over every epoch.
     At a held rate the last epoch's weights, and so the valid accuracy, swing from seed to seed."""
-    return finetune.warmup_cosine(opt, epochs * steps, round(0.5 * steps))
+    return finetune.warmup_cosine(opt, epochs * steps, round(Config().warmup_epochs * steps))
 
 
 def accuracy(args, device, workers, work: Path) -> dict:
