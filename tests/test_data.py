@@ -106,3 +106,10 @@ def test_synthetic_dataset_is_the_same_for_the_same_seed(tmp_path):
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
     assert len(files) == 6
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_seed_sample_seeds_the_cpu_stream_as_torch_manual_seed_does():
+    data.seed_sample(3, 2, 7)
+    a = torch.rand(4)
+    torch.manual_seed(data.sample_seed(3, 2, 7))
+    assert torch.equal(a, torch.rand(4))

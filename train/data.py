@@ -171,6 +171,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + index) % 2**63
 
 
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seeds the CPU generator that the transforms draw from, and only that one: torch.manual_seed
+    also queues a seeding for each accelerator backend, formatting the Python stack every time
+    (0.2 ms an image here, a sixth of a cached 128 px crop)."""
+    torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+
+
 def identity(image):
     """The transform of a channel whose cache already holds the preset's output."""
     return image
@@ -188,7 +195,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        seed_sample(self.seed, epoch, index)
         if self.cache is not None:
             return self.transform(self.cache[index]), label
         try:

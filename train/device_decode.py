@@ -24,7 +24,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from imgcls.images import open_image
 
-from .data import Channel, EpochSampler, sample_seed
+from .data import Channel, EpochSampler, seed_sample
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -95,7 +95,7 @@ class DeviceDecoder:
         # change the training process's own random stream (checkpointed for exact resumes).
         with torch.random.fork_rng(devices=[]):
             for image, (epoch, index) in zip(self.decode(batch), batch.keys, strict=True):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                seed_sample(self.seed, epoch, index)
                 out.append(self.preset(image))
         return torch.stack(out)
 
