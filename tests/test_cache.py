@@ -69,6 +69,20 @@ def test_cached_training_images_below_the_limit_are_exactly_the_uncached_path(tm
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_cached_images_are_kept_interleaved_and_crop_as_planar_ones_do(tmp_path):
+    """HWC memory (the uint8 crop's fast layout), compact, resized or not; the crops are the same."""
+    channel = _channel(tmp_path, size=96)
+    train_preset = ClassificationPresetTrain(32, "light")
+    for limit in (74, 200):  # resized, kept as decoded
+        decoded = cache.DecodedImages([p for p, _ in channel.samples], cache.ShorterAtMost(limit), 2)
+        for img in decoded.images:
+            assert img.permute(1, 2, 0).is_contiguous() and img.untyped_storage().nbytes() == img.numel()
+            torch.manual_seed(5)
+            a = train_preset(img)
+            torch.manual_seed(5)
+            assert torch.equal(a, train_preset(img.contiguous()))
+
+
 def test_auto_keeps_full_size_train_images_when_they_fit_then_the_eval_size_then_none(tmp_path):
     channel = _channel(tmp_path, size=96)  # 12 train images, 96 x 96
     train = [p for p, _ in channel.samples]

@@ -97,15 +97,21 @@ def plan(choice: str, train: list[Path], n_eval: int, eval_preset, copies: int =
                   f"in {share}; decoding every epoch (cache-images=true keeps them anyway)")
 
 
+def interleaved(img: torch.Tensor) -> torch.Tensor:
+    """The CHW view of pixel-interleaved (HWC) memory, as an image is decoded. The uint8 resize of
+    the random crop runs about twice as fast on it as on planar CHW memory, with the same output."""
+    return img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
 class DecodedImages:
-    """uint8 CHW tensors, one per sample, each `prepare(decoded image)`; decoded by a thread pool
-    (Pillow releases the GIL while decoding)."""
+    """uint8 CHW tensors over interleaved memory, one per sample, each `prepare(decoded image)`;
+    decoded by a thread pool (Pillow releases the GIL while decoding)."""
 
     def __init__(self, paths: list[Path], prepare, threads: int, draft_size: int | None = None):
         def load(path: Path) -> torch.Tensor:
             try:
                 image = open_image(path, draft_size=draft_size)
-                return prepare(T.functional.pil_to_tensor(image)).contiguous()
+                return interleaved(prepare(T.functional.pil_to_tensor(image)))
             except ClassifierError as exc:  # the file changed after the scan
                 raise CacheError(f"{path} became unreadable before training: {exc}") from None
 
