@@ -66,6 +66,32 @@ def test_optimizers(name, cls):
     assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == 0.1
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_optimizers_make_the_same_update_as_the_plain_ones(name, monkeypatch):
+    torch.manual_seed(0)
+    models = [resnet(), resnet()]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    fused = finetune.make_optimizer(name, finetune.param_groups(models[0], 1e-2), 0.05, 0.9, 1e-8)
+    monkeypatch.setattr(finetune, "fusable", lambda groups: False)
+    plain = finetune.make_optimizer(name, finetune.param_groups(models[1], 1e-2), 0.05, 0.9, 1e-8)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    # Two steps on one backward's gradients: a second forward would see models that differ by
+    # rounding, which Adam's normalization lifts to full-size steps on near-zero gradients.
+    for model, opt in ((models[0], fused), (models[1], plain)):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_parameters_that_no_fused_kernel_takes_step_unfused():
+    assert not finetune.fusable([{"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64)).to("meta")]}])
+    assert not finetune.fusable([{"params": []}])
+    assert finetune.fusable(finetune.param_groups(resnet(), 1e-4))
+
+
 def test_warmup_then_cosine():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = finetune.warmup_cosine(opt, total_steps=100, warmup_steps=10)
