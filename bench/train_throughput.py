@@ -12,11 +12,14 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
               (gpu-decode=true); both on GPUs (and gpu-decode in --quick, to keep its path working)
 Measurements per (arch, freeze, config):
   synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
-  end-to-end  train_one_epoch over 500x375 photo-like JPEG files, second epoch (workers warm)
-Accuracy: resnet18 trained naive and default from scratch on the same shapes dataset, for the same
-epochs and with a job's schedule, over several seeds (mean, run-to-run sd, standard error).
+  end-to-end  train_one_epoch over 500x375 photo-like JPEG files, after a first epoch (workers warm)
+Both are medians over rounds (3; 2 in --quick) in which every configuration of a model and both
+ceilings take turns, so that a ratio's two sides see the same spells of a noisy host.
+Accuracy: resnet18 trained naive and default from scratch on the same shapes dataset (32 px, 1800
+train / 600 valid images), for the same epochs and with a job's schedule, over ten seeds (mean,
+run-to-run sd, standard error).
 Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
-valid accuracy >= naive. Writes bench/results/train_throughput.json.
+valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -153,16 +156,11 @@ def fast(config: str) -> bool:
     return config not in ("naive", "fp32-nchw")
 
 
-def synthetic_rate(arch, classes, freeze, config, size, batch, steps, device) -> float:
-    channels_last = fast(config)
-    model, frozen, opt = build(arch, classes, freeze, channels_last, device)
-    precision = choose_precision("auto" if fast(config) else "fp32", device)
-    batcher = Batcher(device, ClassificationPresetTrain(size).normalize, channels_last)
-    sched = finetune.warmup_cosine(opt, 10**6, 0)
-    run = lambda n: train_one_epoch(model, InMemory(batch, n, size, classes), batcher, nn.CrossEntropyLoss(),  # noqa: E731
-                                    opt, sched, precision, None, 1, lambda: finetune.set_train_mode(model, frozen))
-    run(2)  # warm-up: allocator, oneDNN kernels
-    return run(steps).images_per_second
+def synthetic_epoch(setup: Setup, model, frozen, opt, size, batch, steps, classes):
+    """The training step of `setup`'s model and precision on uint8 tensors already in memory."""
+    return train_one_epoch(model, InMemory(batch, steps, size, classes), setup.batcher, nn.CrossEntropyLoss(), opt,
+                           finetune.warmup_cosine(opt, 10**6, 0), setup.precision, None, 1,
+                           lambda: finetune.set_train_mode(model, frozen))
 
 
 def photo_channel(root: Path, count: int, classes: int) -> data.Channel:
@@ -179,31 +177,12 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
     rows = []
     for arch in args.archs.split(","):
         for freeze in ("backbone", "none"):
-            synthetic = {c: synthetic_rate(arch, classes, freeze, c, args.size, args.batch, args.steps, device)
-                         for c in ("fp32-nchw", "default")}
-            synthetic["naive"] = synthetic["fp32-nchw"]  # same model, layout and precision
-            # compiled: the eager ceiling (does compiling raise it?); the decoding variants: the same model
-            for c in ("compiled", "uncached", "gpu-decode"):
-                synthetic[c] = synthetic["default"]
             configs = ("naive", "fp32-nchw", "default") + (("compiled",) if arch in args.compile_archs else ())
             if device.type == "cuda":
                 configs += ("uncached", "gpu-decode")
             elif args.quick:
                 configs += ("gpu-decode",)
-            for config in configs:
-                setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
-                model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
-                run_model = torch.compile(model) if config == "compiled" else model
-                first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
-                e2e = setup.epoch(run_model, frozen, opt, 1)
-                rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
-                             "precision": setup.precision.name, "channels_last": setup.channels_last,
-                             "workers": workers[config],
-                             "synthetic_img_s": synthetic[config], "end_to_end_img_s": e2e.images_per_second,
-                             "e2e_over_synthetic": e2e.images_per_second / synthetic[config],
-                             "data_wait": e2e.data_wait_fraction, "decode_once_s": setup.cache_seconds,
-                             "first_epoch_s": first.seconds})
-                print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e.images_per_second:.1f} img/s", flush=True)
+            rows += measure(args, device, workers, channel, classes, arch, freeze, configs)
     for r in rows:
         naive = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"] and b["config"] == "naive")
         r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"]
@@ -212,6 +191,51 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
                            and b["config"] == "default")
             r["compile_s"] = r["first_epoch_s"] - default["first_epoch_s"]
             r["vs_default"] = r["end_to_end_img_s"] / default["end_to_end_img_s"]
+    return rows
+
+
+def measure(args, device, workers, channel, classes, arch, freeze, configs) -> list[dict]:
+    """One model per configuration, measured in rounds that take turns: each round runs every
+    configuration's end-to-end epoch and both synthetic ceilings (fp32 NCHW, the default's), and each
+    figure is the median over the rounds. On a noisy host, measurements minutes apart moved a ratio by
+    0.2 or more; taking turns exposes every configuration to the same slow and fast spells."""
+    runs = {}
+    for config in configs:
+        setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
+        model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
+        run_model = torch.compile(model) if config == "compiled" else model
+        first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
+        runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
+                        "first": first, "e2e": [], "wait": [], "synthetic": []}
+    # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
+    # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
+    ceiling = {c: "fp32-nchw" if c == "naive" else c if c == "fp32-nchw" else "default" for c in configs}
+    for c in ("fp32-nchw", "default"):
+        r = runs[c]
+        synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, 2, classes)  # kernels
+    for epoch in range(1, args.rounds + 1):
+        for config in configs:
+            r = runs[config]
+            e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], epoch)
+            r["e2e"].append(e2e.images_per_second)
+            r["wait"].append(e2e.data_wait_fraction)
+        for c in ("fp32-nchw", "default"):
+            r = runs[c]
+            runs[c]["synthetic"].append(synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size,
+                                                        args.batch, args.steps, classes).images_per_second)
+    rows = []
+    for config in configs:
+        r = runs[config]
+        synthetic, e2e = statistics.median(runs[ceiling[config]]["synthetic"]), statistics.median(r["e2e"])
+        rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
+                     "precision": r["setup"].precision.name, "channels_last": r["setup"].channels_last,
+                     "workers": workers[config], "rounds": args.rounds,
+                     "synthetic_img_s": synthetic, "end_to_end_img_s": e2e, "e2e_over_synthetic": e2e / synthetic,
+                     "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
+                     "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
+                     "first_epoch_s": r["first"].seconds})
+        print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
+              f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
     return rows
 
 
@@ -225,7 +249,7 @@ def accuracy(args, device, workers, work: Path) -> dict:
     """resnet18 from scratch, naive and default, same data and epochs, over a few seeds (model init,
     data order and augmentation): the mean valid accuracy of each, since one seed is noise here."""
     make_dataset(work / "shapes", per_class=args.acc_images, size=args.acc_size * 5 // 4, classes=6,
-                 test_per_class=args.acc_images // 4, seed=1)
+                 test_per_class=args.acc_valid, seed=1)
     train_ch = data.scan_channel("train", work / "shapes" / "train", workers=2)
     valid_ch = data.scan_channel("test", work / "shapes" / "test", workers=2)
     out = {"arch": "resnet18", "epochs": args.acc_epochs, "train_images": len(train_ch.samples),
@@ -257,7 +281,7 @@ def accuracy(args, device, workers, work: Path) -> dict:
     return out
 
 
-def targets(rows: list[dict], acc: dict, on_gpu: bool = False) -> list[dict]:
+def targets(rows: list[dict], acc: dict | None, on_gpu: bool = False) -> list[dict]:
     found = []
     for r in rows:
         if r["config"] != "default":
@@ -267,9 +291,10 @@ def targets(rows: list[dict], acc: dict, on_gpu: bool = False) -> list[dict]:
                       "met": r["e2e_over_synthetic"] >= E2E_TARGET})
         found.append({"target": f"{name}: default >= {NAIVE_TARGET:g} x naive", "value": r["vs_naive"],
                       "met": r["vs_naive"] >= NAIVE_TARGET})
-    found.append({"target": f"resnet18 full, {acc['epochs']} epochs, {len(acc['seeds'])} seeds: default mean valid "
-                            "accuracy >= naive",
-                  "value": acc["default_minus_naive"], "met": acc["default_minus_naive"] >= 0})
+    if acc:
+        found.append({"target": f"resnet18 full, {acc['epochs']} epochs, {len(acc['seeds'])} seeds: default mean "
+                                "valid accuracy >= naive",
+                      "value": acc["default_minus_naive"], "met": acc["default_minus_naive"] >= 0})
     for r in rows:  # the GPU target: JPEGs decoded every epoch (no decode-once) keep up with the model
         if on_gpu and r["config"] in ("uncached", "gpu-decode"):
             name = f"GPU {r['arch']} {r['freeze']} {r['config']}"
@@ -287,23 +312,53 @@ def main() -> None:
     p.add_argument("--compile-archs", default="resnet18",
                    help="archs that also run compiled (compile=true); compiling takes minutes on few cores")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
+    p.add_argument("--parts", default="throughput,accuracy",
+                   help="which parts to run, comma-separated: throughput, accuracy")
+    p.add_argument("--acc-seeds", help="seeds of the accuracy runs, comma-separated (default 3 to 12)")
     args = p.parse_args()
+    args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not args.parts or args.parts - {"throughput", "accuracy"}:
+        p.error(f"--parts takes throughput and/or accuracy, got {','.join(sorted(args.parts)) or 'nothing'}")
     args.compile_archs = [a.strip() for a in args.compile_archs.split(",") if a.strip()]
-    args.size, args.batch, args.steps = (32, 4, 2) if args.quick else (128, 32, 8)
-    args.acc_size, args.acc_images, args.acc_epochs = (32, 8, 1) if args.quick else (64, 150, 10)
-    args.acc_seeds = [3, 4] if args.quick else [3, 4, 5, 6, 7]
+    args.size, args.batch, args.steps, args.rounds = (32, 4, 2, 2) if args.quick else (128, 32, 8, 3)
+    # Small images and many seeds: from scratch, one run's valid accuracy swings by several points,
+    # and a mean over ten seeds is what can tell a precision's effect from that.
+    args.acc_size, args.acc_images, args.acc_valid, args.acc_epochs = (32, 8, 2, 1) if args.quick else (32, 300, 100, 10)
+    try:
+        args.acc_seeds = ([int(x) for x in args.acc_seeds.split(",")] if args.acc_seeds
+                          else [3, 4] if args.quick else list(range(3, 13)))
+    except ValueError:
+        p.error(f"--acc-seeds takes integers separated by commas, got {args.acc_seeds!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As a job picks them (num-workers=auto): none for naive, fewer where the images are decoded once.
     cpus, on_gpu = os.cpu_count() or 1, device.type == "cuda"
     workers = {c: 0 if c == "naive" else auto_workers(cpus, 1, on_gpu, cached=c in ("default", "compiled"))
                for c in ("naive", "fp32-nchw", "default", "compiled", "uncached", "gpu-decode")}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        rows = throughput(args, device, workers, Path(tmp))
-        acc = accuracy(args, device, workers, Path(tmp))
+        rows = throughput(args, device, workers, Path(tmp)) if "throughput" in args.parts else []
+        acc = accuracy(args, device, workers, Path(tmp)) if "accuracy" in args.parts else None
     met = targets(rows, acc, on_gpu=device.type == "cuda")
 
+    if rows:
+        print_rows(args, device, workers, rows)
+    if acc:
+        print_accuracy(acc)
+    print("\ntargets")
+    for t in met:
+        print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
+        "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick, "parts": sorted(args.parts), "rows": rows,
+        "accuracy": acc, "targets": met}, indent=2))
+    print(f"\nwritten to {args.out}")
+
+
+def print_rows(args, device, workers, rows: list[dict]) -> None:
     print(f"\ntraining throughput, {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
-          f"500x375 JPEGs cropped to {args.size}px, batch {args.batch}, {args.steps} steps, loader workers "
+          f"500x375 JPEGs cropped to {args.size}px, batch {args.batch}, {args.steps} steps, median of {args.rounds} "
+          f"rounds taking turns, loader workers "
           f"{', '.join(f'{c} {n}' for c, n in workers.items())}")
     header = f"{'arch':<10}{'mode':<8}{'config':<11}{'prec':<6}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
              f"{'vs naive':>10}{'wait':>7}"
@@ -315,6 +370,9 @@ def main() -> None:
         print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{r['precision']:<6}{r['synthetic_img_s']:>11.1f}"
               f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{r['vs_naive']:>10.2f}"
               f"{r['data_wait']:>7.2f}{compiled}")
+
+
+def print_accuracy(acc: dict) -> None:
     print(f"\naccuracy ({acc['arch']} full, {acc['epochs']} epochs, {acc['train_images']} train / "
           f"{acc['valid_images']} valid shapes at {acc['image_size']}px, mean of seeds {acc['seeds']}): "
           f"naive {acc['naive']['valid_acc']:.3f} in {acc['naive']['train_seconds']:.0f} s a run, "
@@ -322,16 +380,6 @@ def main() -> None:
     if acc["difference_se"] is not None:
         print(f"  default - naive {acc['default_minus_naive']:+.3f}, standard error {acc['difference_se']:.3f} "
               f"(run-to-run sd: naive {acc['naive']['sd']:.3f}, default {acc['default']['sd']:.3f})")
-    print("\ntargets")
-    for t in met:
-        print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
-        "steps": args.steps, "workers": workers, "quick": args.quick, "rows": rows, "accuracy": acc,
-        "targets": met}, indent=2))
-    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ def test_training_benchmark_quick_run(tmp_path):
     assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full") for c in configs}
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
+        # medians over the rounds the configurations took turns in
+        assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
+        assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
+        assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
         assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled"))
         if r["config"] == "compiled":
             assert r["vs_default"] > 0 and r["compile_s"] == pytest.approx(r["first_epoch_s"] - next(
@@ -36,6 +40,25 @@ def test_training_benchmark_quick_run(tmp_path):
     assert "standard error" in result.stdout
     assert len(report["targets"]) == 5 and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "e2e/syn" in result.stdout and "targets" in result.stdout
+    naive, fp32 = ([r for r in rows if r["config"] == c and r["freeze"] == "full"] for c in ("naive", "fp32-nchw"))
+    assert naive[0]["synthetic_rounds"] == fp32[0]["synthetic_rounds"]  # one ceiling: same model and precision
+
+
+def test_training_benchmark_runs_one_part(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--parts", "accuracy",
+                             "--acc-seeds", "5,6,7", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["parts"] == ["accuracy"] and report["rows"] == [] and "e2e/syn" not in result.stdout
+    assert report["accuracy"]["seeds"] == [5, 6, 7]
+    assert [r["seed"] for r in report["accuracy"]["default"]["runs"]] == [5, 6, 7]
+    (target,) = report["targets"]
+    assert "valid accuracy >= naive" in target["target"] and target["met"] == (target["value"] >= 0)
+    bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--parts", "accuracy,speed"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--parts takes throughput and/or accuracy, got accuracy,speed" in bad.stderr
 
 
 def test_serving_benchmark_quick_run(tmp_path):
