@@ -209,10 +209,15 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                         "first": first, "e2e": [], "wait": [], "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
-    ceiling = {c: "fp32-nchw" if c == "naive" else c if c == "fp32-nchw" else "default" for c in configs}
-    for c in ("fp32-nchw", "default"):
+    ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "default" for c in configs}
+
+    def synthetic(c: str, steps: int) -> float:
         r = runs[c]
-        synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, 2, classes)  # kernels
+        return synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, steps,
+                               classes).images_per_second
+
+    for c in ("fp32-nchw", "default"):
+        synthetic(c, 2)  # warm-up: allocator, oneDNN kernels
     for epoch in range(1, args.rounds + 1):
         for config in configs:
             r = runs[config]
@@ -220,17 +225,16 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)
         for c in ("fp32-nchw", "default"):
-            r = runs[c]
-            runs[c]["synthetic"].append(synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size,
-                                                        args.batch, args.steps, classes).images_per_second)
+            runs[c]["synthetic"].append(synthetic(c, args.steps))
     rows = []
     for config in configs:
         r = runs[config]
-        synthetic, e2e = statistics.median(runs[ceiling[config]]["synthetic"]), statistics.median(r["e2e"])
+        ceiling_rate, e2e = statistics.median(runs[ceiling[config]]["synthetic"]), statistics.median(r["e2e"])
         rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
                      "precision": r["setup"].precision.name, "channels_last": r["setup"].channels_last,
                      "workers": workers[config], "rounds": args.rounds,
-                     "synthetic_img_s": synthetic, "end_to_end_img_s": e2e, "e2e_over_synthetic": e2e / synthetic,
+                     "synthetic_img_s": ceiling_rate, "end_to_end_img_s": e2e,
+                     "e2e_over_synthetic": e2e / ceiling_rate,
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds})
@@ -350,8 +354,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
         "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
-        "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick, "parts": sorted(args.parts), "rows": rows,
-        "accuracy": acc, "targets": met}, indent=2))
+        "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick,
+        "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "targets": met}, indent=2))
     print(f"\nwritten to {args.out}")
 
 
