@@ -4,7 +4,8 @@ against a naive configuration of the same trainer. Every ratio is measured side 
 Configurations (same `train_one_epoch`, same model, same optimizer):
   naive       fp32, NCHW, no data-loader workers, per-sample PIL transforms (a course notebook)
   fp32-nchw   our uint8 data path (tensor transforms, workers from the CPU count), fp32, NCHW
-  default     what a job runs: decode once (cache-images), channels-last, autocast (bf16 on AMX)
+  default     what a job runs: decode once (cache-images), channels-last, autocast (bf16 on AMX),
+              conv-gemm=auto (the convolutions timed faster as one matrix multiply run so)
   compiled    default with the hyperparameter compile=true (torch.compile); its first epoch
               includes compiling, reported as "compile s" (extra first-epoch time over default)
   uncached    default without decode-once: every epoch decodes the JPEGs in the workers
@@ -47,7 +48,7 @@ from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval
 from train import cache, data, device_decode, finetune
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
-from train.job import auto_workers
+from train.job import auto_workers, gemm_convs
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
@@ -62,6 +63,14 @@ def build(arch, classes, freeze, channels_last, device, seed=0):
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     opt = finetune.make_optimizer("adamw", finetune.param_groups(model, 0.05), 0.002, 0.9, 1e-8)
     return model, frozen, opt
+
+
+def job_convs(config: str, model, device, precision, batch: int, size: int) -> list[str]:
+    """conv-gemm as a job sets it (auto; off with compile=true) for the fast configurations."""
+    if not fast(config):
+        return []
+    return gemm_convs(Config(batch_size=batch, image_size=size, compile=config == "compiled"), model, device,
+                      precision)
 
 
 def already_normalized(images, dtype=torch.float32, channels_last=False):
@@ -203,10 +212,11 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     for config in configs:
         setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
         model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
+        gemm = job_convs(config, model, device, setup.precision, args.batch, args.size)
         run_model = torch.compile(model) if config == "compiled" else model
         first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
         runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
-                        "first": first, "e2e": [], "wait": [], "synthetic": []}
+                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
     ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "default" for c in configs}
@@ -237,7 +247,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "e2e_over_synthetic": e2e / ceiling_rate,
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
-                     "first_epoch_s": r["first"].seconds})
+                     "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"]})
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
     return rows
@@ -263,6 +273,7 @@ def accuracy(args, device, workers, work: Path) -> dict:
         for seed in args.acc_seeds:
             setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, workers[config], device, seed)
             model, frozen, opt = build("resnet18", 6, "none", setup.channels_last, device, seed=seed)
+            job_convs(config, model, device, setup.precision, 32, args.acc_size)
             sched = schedule(opt, args.acc_epochs, len(setup.train))
             start = time.perf_counter()
             for epoch in range(args.acc_epochs):

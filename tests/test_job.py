@@ -24,6 +24,7 @@ def test_end_to_end_run_artifacts_and_metric_regexes(tiny_data):
     assert result.returncode == 0, log[-3000:]
     assert "Reporting training SUCCESS" in log
     assert "training without SageMaker Debugger" in log
+    assert "conv-gemm=true: 20 of 20 convolutions run as one matrix multiply" in log  # the fixture's setting
     assert not job.failure.exists()
 
     # The exported definitions, applied to the real log, find one value per epoch and the test line.
@@ -284,6 +285,7 @@ def test_compile_trains_the_same_model_and_steps_aside_for_the_debugger(tiny_dat
     result = tiny_data.run(timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "compile=true: torch.compile (inductor)" in result.stdout
+    assert "conv-gemm=true: off with compile=true" in result.stdout
     history = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
     assert len(history) == 2 and all(h["train_loss"] == h["train_loss"] for h in history)  # finite, not NaN
     model, card = artifact.load(tiny_data.model_dir)  # keys without torch.compile's "_orig_mod." prefix

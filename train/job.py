@@ -25,6 +25,7 @@ from . import (
     cache,
     checkpoint,
     contract,
+    conv_gemm,
     data,
     device_decode,
     distributed,
@@ -37,7 +38,7 @@ from . import (
     weights,
 )
 from .debugger import Debugger
-from .engine import Batcher, choose_precision, evaluate, top1_agreement, train_one_epoch
+from .engine import Batcher, autocast, choose_precision, evaluate, top1_agreement, train_one_epoch
 from .progress import Progress
 
 log = logging.getLogger("train")
@@ -127,6 +128,28 @@ def compiled(model: nn.Module, wanted: bool, debugger: Debugger, quiet: bool = F
     if not quiet:
         log.info("compile=true: torch.compile (inductor); the first training and evaluation steps compile")
     return torch.compile(model)
+
+
+def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision) -> list[str]:
+    """conv-gemm: time the model's convolutions at this job's batch, image size and precision and
+    run those as one matrix multiply that train faster so (train.conv_gemm); returns their names."""
+    mode = cfg.conv_gemm
+    if mode != "false" and cfg.compile:
+        log.info("conv-gemm=%s: off with compile=true (inductor chooses its own kernels)", mode)
+        return []
+    # Its own generator: the job's random streams stay as the seed set them.
+    example = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
+                          generator=torch.Generator(device).manual_seed(0))
+    if cfg.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    chosen = conv_gemm.choose(model, example, lambda: autocast(device, precision), mode)
+    if mode == "true" or chosen["swapped"]:
+        log.info("conv-gemm=%s: %d of %d convolutions run as one matrix multiply (%s; timed in %.1f s)", mode,
+                 len(chosen["swapped"]), chosen["convs"], ", ".join(chosen["swapped"]) or "none", chosen["seconds"])
+    elif device.type == "cpu" and mode == "auto":
+        log.info("conv-gemm=auto: oneDNN was faster for every convolution at these shapes (timed in %.1f s)",
+                 chosen["seconds"])
+    return chosen["swapped"]
 
 
 def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) -> dict:
@@ -220,6 +243,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
+    gemm_convs(cfg, model, device, precision)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
@@ -269,6 +293,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                          cfg.patience, best["loss"], best["epoch"])
                 break
     debugger.close()
+    conv_gemm.restore(model)  # what is evaluated, exported and quantized from here is the plain model
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])

@@ -1,0 +1,101 @@
+"""Convolutions as one matrix multiply (train.conv_gemm): the same values and gradients as
+nn.Conv2d, chosen without touching the model's state, and put back before export."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from imgcls.models import create_model
+from train import conv_gemm
+from train.conv_gemm import GemmConv2d
+from train.hyperparams import HyperparameterError, parse
+
+FP32 = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+BF16 = lambda: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(3, 1, 1, False), (3, 2, 1, True), (1, 1, 0, False),
+                                                         (1, 2, 0, True), (7, 2, 3, False), (3, 1, 0, True),
+                                                         ((1, 3), (2, 1), (0, 1), False)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_multiply_gives_the_convolution_and_its_gradients(kernel, stride, padding, bias, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, kernel, stride, padding, bias=bias).double()
+    gemm = copy.deepcopy(conv)
+    gemm.__class__ = GemmConv2d
+    x = torch.randn(3, 5, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = conv(xa), gemm(xb)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(gemm.weight.grad, conv.weight.grad)
+    if bias:
+        torch.testing.assert_close(gemm.bias.grad, conv.bias.grad)
+
+
+def _model():
+    torch.manual_seed(1)
+    model = create_model("resnet18", 3)
+    model.layer1.add_module("grouped", nn.Conv2d(64, 64, 3, padding=1, groups=2))  # not eligible, never run
+    return model.to(memory_format=torch.channels_last)
+
+
+def _example():
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_true_swaps_every_eligible_convolution_and_restore_puts_them_back():
+    model = _model().eval()
+    x = _example()
+    with torch.no_grad():
+        before = model(x)
+    keys = list(model.state_dict())
+    chosen = conv_gemm.choose(model, x, FP32, "true")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "layer1.grouped"]
+    assert sorted(chosen["swapped"]) == sorted(convs) and chosen["convs"] == len(convs) == 20
+    assert type(model.layer1.grouped) is nn.Conv2d
+    assert all(type(dict(model.named_modules())[n]) is GemmConv2d for n in convs)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+    conv_gemm.restore(model)
+    assert not any(type(m) is GemmConv2d for m in model.modules())
+
+
+def test_auto_times_without_changing_the_model():
+    model = _model()
+    model.train()
+    model.layer2.eval()  # a frozen part's mode must survive the timing
+    state = copy.deepcopy(model.state_dict())
+    chosen = conv_gemm.choose(model, _example(), BF16, "auto", reps=1)
+    assert set(chosen["swapped"]) <= {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert "layer1.grouped" not in chosen["swapped"]
+    assert chosen["seconds"] > 0
+    for k, v in model.state_dict().items():  # batch norm learned nothing from the example
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and not model.layer2.training and model.layer3.training
+
+
+def test_false_and_columns_too_large_for_memory_swap_nothing(monkeypatch):
+    model = _model()
+    assert conv_gemm.choose(model, _example(), FP32, "false")["swapped"] == []
+    monkeypatch.setattr(conv_gemm, "MAX_COLUMNS_BYTES", 0)
+    assert conv_gemm.choose(model, _example(), FP32, "true")["swapped"] == []
+    assert not any(type(m) is GemmConv2d for m in model.modules())
+
+
+def test_conv_gemm_hyperparameter():
+    assert parse({}).conv_gemm == "auto"
+    assert parse({"conv-gemm": "False"}).conv_gemm == "false"
+    with pytest.raises(HyperparameterError, match="'conv-gemm' = 'fast' is not valid: expected one of auto, true, false"):
+        parse({"conv-gemm": "fast"})
