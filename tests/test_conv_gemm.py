@@ -99,3 +99,18 @@ def test_conv_gemm_hyperparameter():
     assert parse({"conv-gemm": "False"}).conv_gemm == "false"
     with pytest.raises(HyperparameterError, match="'conv-gemm' = 'fast' is not valid: expected one of auto, true, false"):
         parse({"conv-gemm": "fast"})
+
+
+def test_a_checkpoint_resumes_across_conv_gemm_settings(tmp_path):
+    """Only kernels change: a checkpoint of another setting, or of a trainer without it, resumes."""
+    from train import checkpoint
+    from train.hyperparams import Config
+
+    hps = parse({"conv-gemm": "false"}).as_hyperparameters()
+    old = {k: v for k, v in Config().as_hyperparameters().items() if k != "conv-gemm"}
+    for before in (hps, old):
+        checkpoint.save(tmp_path, {"epoch": 1, "hyperparameters": before})
+        assert checkpoint.load(tmp_path, Config().as_hyperparameters())["epoch"] == 1
+    checkpoint.save(tmp_path, {"epoch": 1, "hyperparameters": {**old, "lr": 0.5}})
+    with pytest.raises(checkpoint.CheckpointError, match="lr"):
+        checkpoint.load(tmp_path, Config().as_hyperparameters())

@@ -23,7 +23,8 @@ FILENAME = "checkpoint.pt"
 # Hyperparameters that may change between a run and its resumption without changing its meaning.
 # processes-per-host (with the instance count) sets the world size: a job resumes with any.
 RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps",
-                     "cache-images", "compile", "gpu-decode", "processes-per-host", "int8"}
+                     "cache-images", "compile", "gpu-decode", "processes-per-host", "int8",
+                     "conv-gemm"}  # kernels only: checkpoints from before it existed resume too
 
 
 class CheckpointError(ClassifierError):
