@@ -11,6 +11,10 @@ how ours differs:
   noise), and fires when it is not lower and either no lower than 90% of the first window
   (stuck) or 10% above the best window so far (rising): a plateau far below the start is a
   converged run, not a stuck one.
+- VanishingGradient fires where some layers' gradients vanish while others' do not, up to the
+  first step with a NaN or infinite gradient. A step whose every gradient is zero had a fitted
+  batch (no loss to send back), and after a NaN the run has diverged (ExplodingTensor's finding):
+  neither says that a layer cannot learn.
 - PoorWeightInitialization looks at the first `steps` training steps: activation-input variance
   across layers (zero in a layer, or max/min above `threshold`), the 5th-95th percentile range of
   all gradients (below `distribution_range`), and a loss that does not move at all.
@@ -118,23 +122,32 @@ def rule_classes() -> dict[str, type]:
         needs = "the gradients collection"
 
         def quiet(self):
-            return f"every gradient's mean magnitude stayed above {self.threshold:g}"
+            tail = f" (until step {self.diverged_at}, when the run diverged)" if self.diverged_at else ""
+            return f"every gradient's mean magnitude stayed above {self.threshold:g}{tail}"
 
         def __init__(self, base_trial, threshold=1e-7):
             super().__init__(base_trial)
             self.threshold = float(threshold)
             self.names = T.gradient_names(base_trial)
+            self.diverged_at: int | None = None
 
         def available(self):
             return bool(self.names)
 
         def invoke_at_step(self, step):
             t = self.train_step(step)
-            if t is None:
+            if t is None or self.diverged_at is not None:
                 return False
-            vanished = [n for n in self.names if T.saved(self.base_trial, n, step)
-                        and T.stats(self.base_trial, n, step).mean_abs < self.threshold]
-            if not vanished:
+            saved = {n: T.stats(self.base_trial, n, step) for n in self.names if T.saved(self.base_trial, n, step)}
+            if not all(s.finite for s in saved.values()):
+                # From here the weights are NaN or wrecked: what their gradients do is ExplodingTensor's finding.
+                self.diverged_at = t
+                return False
+            vanished = [n for n, s in saved.items() if s.mean_abs < self.threshold]
+            # Gradients vanish on their way back from the loss. Where none reached even the output
+            # layer, the batch's loss gave no gradient at all (every image fitted with certainty):
+            # a fitted batch, not a layer that cannot learn.
+            if not vanished or len(vanished) == len(saved):
                 return False
             layers = ", ".join(n.removeprefix(T.GRADIENT_PREFIX) for n in vanished[:4])
             more = f" and {len(vanished) - 4} more" if len(vanished) > 4 else ""

@@ -125,6 +125,60 @@ def test_nothing_is_written_when_the_hook_is_off(tmp_path):
 
 # --- rules on constructed inputs: the cases a tiny real run cannot reach in seconds ---
 
+def _hooked_trial(out_dir: Path, steps: list[str]):
+    """A real smdebug hook on a two-layer net, saving losses and gradients every step; each step is
+    'learn' (a random batch), 'fitted' (a batch predicted with certainty: a loss of exactly 0),
+    'dead' (the output layer zeroed: nothing flows back to the first) or 'nan' (a NaN input)."""
+    import smdebug.pytorch as smd
+    import torch
+    from torch import nn
+
+    from report import tensors
+
+    torch.manual_seed(0)
+    model, criterion = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), nn.CrossEntropyLoss()
+    hook = smd.Hook(out_dir=str(out_dir), save_config=smd.SaveConfig(save_interval=1),
+                    include_collections=["losses", "gradients"])
+    hook.register_module(model)
+    hook.register_loss(criterion)
+    hook.set_mode(smd.modes.TRAIN)
+    for kind in steps:
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        if kind == "nan":
+            x[0, 0] = float("nan")
+        if kind == "dead":
+            with torch.no_grad():
+                model[2].weight.zero_()
+        logits = model(x)  # one forward a step: the hook counts steps by them
+        if kind == "fitted":  # softmax exactly one-hot on the predicted class
+            logits, y = logits * 1e6, logits.detach().argmax(1)
+        loss = criterion(logits, y)
+        model.zero_grad()
+        loss.backward()
+    hook.close()
+    return tensors.open_trial(out_dir)
+
+
+def _vanishing(trial):
+    from report import tensor_rules
+
+    return {v.rule: v for v in tensor_rules.evaluate(trial)}["VanishingGradient"]
+
+
+def test_vanishing_gradient_fires_on_layers_the_loss_does_not_reach(tmp_path):
+    verdict = _vanishing(_hooked_trial(tmp_path / "dead", ["learn", "learn", "dead", "learn"]))
+    assert verdict.fired and verdict.step == 3, verdict
+    assert "0.weight" in verdict.message and "2.bias" not in verdict.message
+
+
+def test_vanishing_gradient_ignores_fitted_batches_and_what_follows_a_nan(tmp_path):
+    fitted = _vanishing(_hooked_trial(tmp_path / "fitted", ["learn", "fitted", "learn"]))
+    assert not fitted.fired and fitted.evaluated, fitted
+    # the same dead layer after a NaN step: the run had diverged, which ExplodingTensor reports
+    diverged = _vanishing(_hooked_trial(tmp_path / "nan", ["learn", "nan", "dead", "learn"]))
+    assert not diverged.fired and "until step 2, when the run diverged" in diverged.message, diverged
+
+
 def _history(train, valid):
     return [{"epoch": i + 1, "train_loss": t, "valid_loss": v} for i, (t, v) in enumerate(zip(train, valid, strict=True))]
 
