@@ -5,7 +5,8 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
   naive       fp32, NCHW, no data-loader workers, per-sample PIL transforms (a course notebook)
   fp32-nchw   our uint8 data path (tensor transforms, workers from the CPU count), fp32, NCHW
   default     what a job runs: decode once (cache-images), channels-last, autocast (bf16 on AMX),
-              conv-gemm=auto (the convolutions timed faster as one matrix multiply run so)
+              conv-gemm=auto (the convolutions timed faster as one matrix multiply run so),
+              frozen-trunk=auto (a frozen backbone as one frozen trace)
   compiled    default with the hyperparameter compile=true (torch.compile); its first epoch
               includes compiling, reported as "compile s" (extra first-epoch time over default)
   uncached    default without decode-once: every epoch decodes the JPEGs in the workers
@@ -48,7 +49,7 @@ from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval
 from train import cache, data, device_decode, finetune
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
-from train.job import auto_workers, gemm_convs
+from train.job import auto_workers, gemm_convs, trace_trunk
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
@@ -66,11 +67,13 @@ def build(arch, classes, freeze, channels_last, device, seed=0):
 
 
 def job_convs(config: str, model, device, precision, batch: int, size: int) -> list[str]:
-    """conv-gemm as a job sets it (auto; off with compile=true) for the fast configurations."""
+    """frozen-trunk and conv-gemm as a job sets them (auto; both off with compile=true) for the fast
+    configurations; returns the convolutions conv-gemm swapped."""
     if not fast(config):
         return []
-    return gemm_convs(Config(batch_size=batch, image_size=size, compile=config == "compiled"), model, device,
-                      precision)
+    cfg = Config(batch_size=batch, image_size=size, compile=config == "compiled")
+    trace_trunk(cfg, model, device, precision, None)
+    return gemm_convs(cfg, model, device, precision)
 
 
 def already_normalized(images, dtype=torch.float32, channels_last=False):
@@ -247,7 +250,8 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "e2e_over_synthetic": e2e / ceiling_rate,
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
-                     "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"]})
+                     "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
+                     "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ()))})
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
     return rows

@@ -26,6 +26,10 @@ def test_training_benchmark_quick_run(tmp_path):
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
         assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
         assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled"))
+        # frozen-trunk as a job runs it: the default's frozen backbone traced, nothing else
+        traced = r["config"] in ("default", "gpu-decode") and r["freeze"] == "frozen"
+        assert r["frozen_trunk"] == (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                                      "avgpool"] if traced else []), r
         if r["config"] == "compiled":
             assert r["vs_default"] > 0 and r["compile_s"] == pytest.approx(r["first_epoch_s"] - next(
                 d["first_epoch_s"] for d in rows if d["config"] == "default" and d["freeze"] == r["freeze"]))

@@ -235,6 +235,11 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
     names = trial.tensor_names()
     grads = [n for n in names if n.startswith("gradient/")]
     assert grads and all("fc." in n for n in grads)  # frozen layers get no gradients, and do not break the hook
+    # No collection here needs the backbone's modules to run: it runs as one trace, and the hook still
+    # saves the frozen weights (it reads them from the model, not from the modules' calls).
+    assert "frozen-trunk: the frozen conv1/bn1/relu/maxpool/layer1/layer2/layer3/layer4/avgpool run as one" \
+        in result.stdout
+    assert {"ResNet_conv1.weight", "ResNet_layer4.1.conv2.weight", "ResNet_fc.weight"} <= set(names)
     loss = trial.tensor(trial.tensor_names(collection="losses")[0])
     assert loss.steps() == [0]  # 8 steps in all, saved every 50th
     history = json.loads((job.output_data / "metrics.json").read_text())["history"]
@@ -242,6 +247,21 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
     # Epoch scalars are saved every epoch, whatever the save interval.
     assert [float(valid_loss.value(s)[0]) for s in valid_loss.steps()] == pytest.approx(
         [h["valid_loss"] for h in history], rel=1e-5)
+
+
+def test_a_debugger_that_saves_activations_keeps_the_frozen_backbone_eager(tiny_data):
+    from smdebug.trials import create_trial
+
+    from tests.conftest import debugger_config
+
+    tensors = debugger_config(tiny_data)  # losses, gradients and relu_input
+    tiny_data.hyperparameters(freeze="backbone", epochs=1)
+    result = tiny_data.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "frozen-trunk: the frozen conv1/bn1/relu/maxpool/layer1/layer2/layer3/layer4/avgpool run eagerly " \
+           "(the debugger saves the collections relu_input" in result.stdout
+    names = create_trial(str(tensors)).tensor_names()
+    assert any(n.startswith("layer3.") and n.endswith("relu_input_0") for n in names), names[:20]
 
 
 def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):

@@ -37,6 +37,19 @@ def relocate(config: Path, base_dir: Path) -> Path:
     return moved
 
 
+def collections(config: Path | None) -> set[str] | None:
+    """The collections a debugger config saves (smdebug's own default, losses, where it names
+    none); None without a config. An unreadable config counts as saving everything ("all")."""
+    if config is None:
+        return None
+    try:
+        spec = json.loads(config.read_text())
+        named = {c["CollectionName"] for c in spec.get("CollectionConfigurations") or []}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {"all"}
+    return named or {"losses"}
+
+
 def _hook_class(smd):
     import torch
 

@@ -30,6 +30,7 @@ from . import (
     device_decode,
     distributed,
     finetune,
+    frozen_trunk,
     hyperparams,
     int8,
     metrics,
@@ -37,7 +38,7 @@ from . import (
     profiling,
     weights,
 )
-from .debugger import Debugger
+from .debugger import Debugger, collections
 from .engine import Batcher, autocast, choose_precision, evaluate, top1_agreement, train_one_epoch
 from .progress import Progress
 
@@ -130,6 +131,31 @@ def compiled(model: nn.Module, wanted: bool, debugger: Debugger, quiet: bool = F
     return torch.compile(model)
 
 
+def example_batch(cfg: hyperparams.Config, device: torch.device) -> torch.Tensor:
+    """A training batch's shape, layout and device, for timing and tracing kernels. Its own
+    generator: the job's random streams stay as the seed set them."""
+    example = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
+                          generator=torch.Generator(device).manual_seed(0))
+    return example.contiguous(memory_format=torch.channels_last) if cfg.channels_last else example
+
+
+def trace_trunk(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision,
+                debugger_config: Path | None) -> list[str]:
+    """frozen-trunk: the frozen leading modules of a ResNet run as one frozen trace
+    (train.frozen_trunk); returns their names. Before conv-gemm, which then times only the rest."""
+    names = frozen_trunk.trunk(model)
+    if not names:
+        return []
+    compiling = cfg.compile and debugger_config is None  # compile() ignores compile=true under the hook
+    why = frozen_trunk.why_not(cfg.frozen_trunk, device, compiling, collections(debugger_config))
+    if why:
+        log.info("frozen-trunk: the frozen %s run eagerly (%s)", "/".join(names), why)
+        return []
+    frozen_trunk.attach(model, names, example_batch(cfg, device), precision.dtype)
+    log.info("frozen-trunk: the frozen %s run as one frozen %s trace", "/".join(names), precision.name)
+    return names
+
+
 def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision) -> list[str]:
     """conv-gemm: time the model's convolutions at this job's batch, image size and precision and
     run those as one matrix multiply that train faster so (train.conv_gemm); returns their names."""
@@ -137,12 +163,7 @@ def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, 
     if mode != "false" and cfg.compile:
         log.info("conv-gemm=%s: off with compile=true (inductor chooses its own kernels)", mode)
         return []
-    # Its own generator: the job's random streams stay as the seed set them.
-    example = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
-                          generator=torch.Generator(device).manual_seed(0))
-    if cfg.channels_last:
-        example = example.contiguous(memory_format=torch.channels_last)
-    chosen = conv_gemm.choose(model, example, lambda: autocast(device, precision), mode)
+    chosen = conv_gemm.choose(model, example_batch(cfg, device), lambda: autocast(device, precision), mode)
     if mode == "true" or chosen["swapped"]:
         log.info("conv-gemm=%s: %d of %d convolutions run as one matrix multiply (%s; timed in %.1f s)", mode,
                  len(chosen["swapped"]), chosen["convs"], ", ".join(chosen["swapped"]) or "none", chosen["seconds"])
@@ -243,6 +264,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
+    trace_trunk(cfg, model, device, precision, job.debugger_config)
     gemm_convs(cfg, model, device, precision)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
@@ -294,6 +316,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                 break
     debugger.close()
     conv_gemm.restore(model)  # what is evaluated, exported and quantized from here is the plain model
+    frozen_trunk.detach(model)
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
