@@ -17,17 +17,16 @@ loaded (a resumed checkpoint included) and never sees them change.
 
 from __future__ import annotations
 
-import contextlib
 import types
-import warnings
 
 import torch
 import torchvision
 from torch import nn
 
+from imgcls.inference import InferenceModel
+
 # torchvision's ResNet._forward_impl, in order; torch.flatten comes between avgpool and fc.
 FORWARD = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
-MODES = ("auto", "true", "false")
 # Debugger collections that read the loss, the parameters or their gradients, never a module's
 # inputs or outputs: the trace runs the trunk's modules without their hooks.
 HOOK_SAFE_COLLECTIONS = frozenset({"losses", "weights", "biases", "gradients"})
@@ -43,8 +42,7 @@ def trunk(model: nn.Module) -> list[str]:
         if any(p.requires_grad for p in model.get_submodule(name).parameters()):
             break
         names.append(name)
-    frozen = any(True for n in names for _ in model.get_submodule(n).parameters())
-    return names if frozen else []
+    return names if any(list(model.get_submodule(n).parameters()) for n in names) else []
 
 
 def why_not(mode: str, device: torch.device, compile: bool, collections: set[str] | None) -> str | None:
@@ -71,13 +69,8 @@ def attach(model: nn.Module, names: list[str], example: torch.Tensor, autocast_d
     # eval mode in training (finetune.set_train_mode), which is exactly what the trace computes.
     modes = {m: m.training for m in module.modules()}
     module.eval()
-    cast = (torch.autocast(device_type=example.device.type, dtype=autocast_dtype, cache_enabled=False)
-            if autocast_dtype is not None else contextlib.nullcontext())
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), cast:
-            # torch.jit warns that it is deprecated; imgcls.inference says why the trace stays.
-            warnings.simplefilter("ignore", FutureWarning)
-            graph = torch.jit.freeze(torch.jit.trace(module, example))
+    try:  # the server's frozen trace (imgcls.inference), of the trunk alone
+        graph = InferenceModel(module, example, autocast_dtype, mode="jit").graph
     finally:
         for m, training in modes.items():
             m.training = training
