@@ -9,6 +9,10 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
               frozen-trunk=auto (a frozen backbone as one frozen trace)
   compiled    default with the hyperparameter compile=true (torch.compile); its first epoch
               includes compiling, reported as "compile s" (extra first-epoch time over default)
+  int8-trunk  default with frozen-trunk=int8, frozen backbones on a CPU: the trunk in int8. A job's
+              auto picks it where the int8 features stay close to fp32's (a trained backbone, as the
+              frozen-accuracy part's); the bench's random-init backbones do not pass that check,
+              so its default runs the float trace
   uncached    default without decode-once: every epoch decodes the JPEGs in the workers
   gpu-decode  default without decode-once, JPEGs decoded a batch at a time on the device
               (gpu-decode=true); both on GPUs (and gpu-decode in --quick, to keep its path working)
@@ -19,7 +23,9 @@ Both are medians over rounds (3; 2 in --quick) in which every configuration of a
 ceilings take turns, so that a ratio's two sides see the same spells of a noisy host.
 Accuracy: resnet18 trained naive and default from scratch on the same shapes dataset (32 px, 1800
 train / 600 valid images), for the same epochs and with a job's schedule, over ten seeds (mean,
-run-to-run sd, standard error).
+run-to-run sd, standard error). Frozen accuracy: the same, with freeze=backbone on a backbone
+trained beforehand on other images of four of the six shapes (no pretrained weights can be
+downloaded here); the default's frozen backbone runs in int8 there (frozen-trunk=auto on a CPU).
 Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
 valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/train_throughput.json.
 """
@@ -44,21 +50,27 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as V1
 
 from bench.images import photo_like_jpegs
+from imgcls import quantize
 from imgcls.models import create_model
 from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
-from train import cache, data, device_decode, finetune
+from train import cache, data, device_decode, finetune, frozen_trunk, int8
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
 from train.job import auto_workers, gemm_convs, trace_trunk
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
+PARTS = ("throughput", "accuracy", "frozen-accuracy")
+CACHED = ("default", "compiled", "int8-trunk")  # the configurations that decode once, as a job does
 GPU_TARGET, GPU_WAIT = 0.90, 0.05
 
 
-def build(arch, classes, freeze, channels_last, device, seed=0):
+def build(arch, classes, freeze, channels_last, device, seed=0, backbone=None):
+    """backbone: a state dict for every layer but the head (a pretrained backbone's stand-in)."""
     torch.manual_seed(seed)
     model = create_model(arch, classes)
+    if backbone is not None:
+        model.load_state_dict(backbone, strict=False)
     frozen = finetune.frozen_prefixes(model, freeze)
     finetune.apply_freeze(model, frozen)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -66,13 +78,15 @@ def build(arch, classes, freeze, channels_last, device, seed=0):
     return model, frozen, opt
 
 
-def job_convs(config: str, model, device, precision, batch: int, size: int) -> list[str]:
+def job_convs(setup: Setup, model, batch: int, size: int, frozen_trunk: str = "auto") -> list[str]:
     """frozen-trunk and conv-gemm as a job sets them (auto; both off with compile=true) for the fast
     configurations; returns the convolutions conv-gemm swapped."""
+    config, device, precision = setup.config, setup.device, setup.precision
     if not fast(config):
         return []
-    cfg = Config(batch_size=batch, image_size=size, compile=config == "compiled")
-    trace_trunk(cfg, model, device, precision, None)
+    cfg = Config(batch_size=batch, image_size=size, compile=config == "compiled",
+                 frozen_trunk="int8" if config == "int8-trunk" else frozen_trunk)
+    trace_trunk(cfg, model, device, precision, None, setup.calibration)
     return gemm_convs(cfg, model, device, precision)
 
 
@@ -118,7 +132,7 @@ class Setup:
             self.cache_seconds = 0.0
             return
         caches = {}
-        if config in ("default", "compiled"):  # what a job does before its first epoch (cache-images)
+        if config in CACHED:  # what a job does before its first epoch (cache-images)
             evals = {"valid": [p for p, _ in valid_ch.samples]} if valid_ch else {}
             train_paths = [p for p, _ in train_ch.samples]
             train_size, _ = cache.plan("true", train_paths, sum(map(len, evals.values())), eval_preset)
@@ -126,6 +140,9 @@ class Setup:
         self.cache_seconds = sum(c.seconds for c in caches.values())
         self.batcher = Batcher(device, preset.normalize, self.channels_last)
         self.train_batcher = self.batcher
+        calibration = int8.calibration_channel(train_ch)  # as a job calibrates the int8 trunk (train.job)
+        self.calibration = lambda: (self.batcher(images, labels)[0] for images, labels in data.make_loader(
+            calibration, eval_preset, 2 * batch, shuffle=False, seed=seed, workers=min(workers, 2), pin_memory=False))
         self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
                                       seed=seed, workers=workers, pin_memory=device.type == "cuda",
                                       cache=caches.get("valid")) if valid_ch else None
@@ -190,6 +207,8 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
     for arch in args.archs.split(","):
         for freeze in ("backbone", "none"):
             configs = ("naive", "fp32-nchw", "default") + (("compiled",) if arch in args.compile_archs else ())
+            if freeze == "backbone" and device.type == "cpu" and quantize.available():
+                configs += ("int8-trunk",)
             if device.type == "cuda":
                 configs += ("uncached", "gpu-decode")
             elif args.quick:
@@ -215,21 +234,23 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     for config in configs:
         setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
         model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
-        gemm = job_convs(config, model, device, setup.precision, args.batch, args.size)
+        gemm = job_convs(setup, model, args.batch, args.size)
         run_model = torch.compile(model) if config == "compiled" else model
         first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
         runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
                         "first": first, "gemm": gemm, "e2e": [], "wait": [], "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
-    ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "default" for c in configs}
+    ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "int8-trunk" if c == "int8-trunk" else "default"
+               for c in configs}
+    ceilings = sorted(set(ceiling.values()))
 
     def synthetic(c: str, steps: int) -> float:
         r = runs[c]
         return synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, steps,
                                classes).images_per_second
 
-    for c in ("fp32-nchw", "default"):
+    for c in ceilings:
         synthetic(c, 2)  # warm-up: allocator, oneDNN kernels
     for epoch in range(1, args.rounds + 1):
         for config in configs:
@@ -237,7 +258,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], epoch)
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)
-        for c in ("fp32-nchw", "default"):
+        for c in ceilings:
             runs[c]["synthetic"].append(synthetic(c, args.steps))
     rows = []
     for config in configs:
@@ -251,7 +272,8 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
-                     "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ()))})
+                     "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())),
+                     "int8_trunk": bool(getattr(r["model"], "frozen_trunk_int8", False))})
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
     return rows
@@ -263,34 +285,68 @@ def schedule(opt, epochs: int, steps: int):
     return finetune.warmup_cosine(opt, epochs * steps, round(Config().warmup_epochs * steps))
 
 
-def accuracy(args, device, workers, work: Path) -> dict:
-    """resnet18 from scratch, naive and default, same data and epochs, over a few seeds (model init,
-    data order and augmentation): the mean valid accuracy of each, since one seed is noise here."""
-    make_dataset(work / "shapes", per_class=args.acc_images, size=args.acc_size * 5 // 4, classes=6,
-                 test_per_class=args.acc_valid, seed=1)
-    train_ch = data.scan_channel("train", work / "shapes" / "train", workers=2)
-    valid_ch = data.scan_channel("test", work / "shapes" / "test", workers=2)
-    out = {"arch": "resnet18", "epochs": args.acc_epochs, "train_images": len(train_ch.samples),
+def shapes(work: Path, name: str, args, classes: int, seed: int) -> tuple[data.Channel, data.Channel]:
+    root = work / name
+    if not root.exists():
+        make_dataset(root, per_class=args.acc_images, size=args.acc_size * 5 // 4, classes=classes,
+                     test_per_class=args.acc_valid, seed=seed)
+    return (data.scan_channel("train", root / "train", workers=2), data.scan_channel("test", root / "test", workers=2))
+
+
+def pretrained_backbone(args, device, workers, work: Path) -> dict:
+    """A pretrained backbone's stand-in (ImageNet weights cannot be downloaded here): resnet18 trained
+    from scratch, by the default configuration, on other images of four of the six shapes. A frozen
+    backbone's head then learns the six on features that know four of them."""
+    train_ch, valid_ch = shapes(work, "shapes-pretrain", args, 4, seed=2)
+    setup = Setup("default", train_ch, valid_ch, args.acc_size, 32, workers["default"], device, 0)
+    model, frozen, opt = build("resnet18", 4, "none", setup.channels_last, device, seed=0)
+    job_convs(setup, model, 32, args.acc_size)
+    epochs = args.acc_epochs
+    sched = schedule(opt, epochs, len(setup.train))
+    for epoch in range(epochs):
+        setup.epoch(model, frozen, opt, epoch, sched)
+    frozen_trunk.detach(model)
+    result = evaluate(model, setup.valid, setup.batcher, setup.precision, 1, 4)
+    print(f"  pretrained backbone: {result.accuracy:.3f} on its four shapes after {epochs} epochs", flush=True)
+    return {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: dict | None = None) -> dict:
+    """resnet18, naive and default, same data and epochs, over a few seeds (model init, data order and
+    augmentation): the mean valid accuracy of each, since one seed is noise here. freeze=none trains
+    from scratch; freeze=backbone trains the head on `backbone`."""
+    train_ch, valid_ch = shapes(work, "shapes", args, 6, seed=1)
+    out = {"arch": "resnet18", "freeze": freeze, "epochs": args.acc_epochs, "train_images": len(train_ch.samples),
            "valid_images": len(valid_ch.samples), "image_size": args.acc_size, "seeds": args.acc_seeds}
     for config in ("naive", "default"):
         runs = []
         for seed in args.acc_seeds:
             setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, workers[config], device, seed)
-            model, frozen, opt = build("resnet18", 6, "none", setup.channels_last, device, seed=seed)
-            job_convs(config, model, device, setup.precision, 32, args.acc_size)
+            model, frozen, opt = build("resnet18", 6, freeze, setup.channels_last, device, seed=seed,
+                                       backbone=backbone)
+            job_convs(setup, model, 32, args.acc_size)
             sched = schedule(opt, args.acc_epochs, len(setup.train))
             start = time.perf_counter()
             for epoch in range(args.acc_epochs):
                 setup.epoch(model, frozen, opt, epoch, sched)
             seconds = time.perf_counter() - start + setup.cache_seconds
+            int8_trunk = bool(getattr(model, "frozen_trunk_int8", False))
+            # As a job reports it: the model's own modules in the job's precision, as a GPU or bf16 server
+            # runs it; with the int8 trunk also as trained (a CPU server in int8 computes the same features).
+            through_trunk = evaluate(model, setup.valid, setup.batcher, setup.precision, 1, 6) if int8_trunk else None
+            frozen_trunk.detach(model)
             result = evaluate(model, setup.valid, setup.batcher, setup.precision, 1, 6)
             runs.append({"seed": seed, "valid_acc": result.accuracy, "valid_loss": result.loss,
-                         "train_seconds": seconds})
-            print(f"  accuracy {config} seed {seed}: {result.accuracy:.3f} after {args.acc_epochs} epochs "
-                  f"({seconds:.0f} s)", flush=True)
+                         "train_seconds": seconds, "int8_trunk": int8_trunk,
+                         "valid_acc_int8_trunk": through_trunk.accuracy if through_trunk else None})
+            print(f"  accuracy {freeze} {config} seed {seed}: {result.accuracy:.3f}"
+                  + (f" ({through_trunk.accuracy:.3f} through the int8 trunk)" if through_trunk else "")
+                  + f" after {args.acc_epochs} epochs ({seconds:.0f} s)", flush=True)
         accs = [r["valid_acc"] for r in runs]
         out[config] = {"valid_acc": statistics.fmean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else None,
                        "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "runs": runs}
+        int8_accs = [r["valid_acc_int8_trunk"] for r in runs if r["int8_trunk"]]
+        out[config]["valid_acc_int8_trunk"] = statistics.fmean(int8_accs) if int8_accs else None
     out["default_minus_naive"] = out["default"]["valid_acc"] - out["naive"]["valid_acc"]
     # Runs of one seed are not paired: a different data path or precision sends training on another
     # trajectory. So the difference's standard error is that of two independent means.
@@ -300,18 +356,19 @@ def accuracy(args, device, workers, work: Path) -> dict:
     return out
 
 
-def targets(rows: list[dict], acc: dict | None, on_gpu: bool = False) -> list[dict]:
+def targets(rows: list[dict], accs: list[dict], on_gpu: bool = False) -> list[dict]:
     found = []
     for r in rows:
-        if r["config"] != "default":
+        if r["config"] not in ("default", "int8-trunk"):
             continue
-        name = f"{r['arch']} {r['freeze']}"
+        name = f"{r['arch']} {r['freeze']}" + (" int8-trunk" if r["config"] == "int8-trunk" else "")
         found.append({"target": f"{name}: end-to-end >= {E2E_TARGET} x synthetic", "value": r["e2e_over_synthetic"],
                       "met": r["e2e_over_synthetic"] >= E2E_TARGET})
         found.append({"target": f"{name}: default >= {NAIVE_TARGET:g} x naive", "value": r["vs_naive"],
                       "met": r["vs_naive"] >= NAIVE_TARGET})
-    if acc:
-        found.append({"target": f"resnet18 full, {acc['epochs']} epochs, {len(acc['seeds'])} seeds: default mean "
+    for acc in accs:
+        mode = "frozen backbone" if acc["freeze"] == "backbone" else "full"
+        found.append({"target": f"resnet18 {mode}, {acc['epochs']} epochs, {len(acc['seeds'])} seeds: default mean "
                                 "valid accuracy >= naive",
                       "value": acc["default_minus_naive"], "met": acc["default_minus_naive"] >= 0})
     for r in rows:  # the GPU target: JPEGs decoded every epoch (no decode-once) keep up with the model
@@ -331,13 +388,13 @@ def main() -> None:
     p.add_argument("--compile-archs", default="resnet18",
                    help="archs that also run compiled (compile=true); compiling takes minutes on few cores")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_throughput.json"))
-    p.add_argument("--parts", default="throughput,accuracy",
-                   help="which parts to run, comma-separated: throughput, accuracy")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"which parts to run, comma-separated: {', '.join(PARTS)}")
     p.add_argument("--acc-seeds", help="seeds of the accuracy runs, comma-separated (default 3 to 12)")
     args = p.parse_args()
     args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
-    if not args.parts or args.parts - {"throughput", "accuracy"}:
-        p.error(f"--parts takes throughput and/or accuracy, got {','.join(sorted(args.parts)) or 'nothing'}")
+    if not args.parts or args.parts - set(PARTS):
+        p.error(f"--parts takes some of {', '.join(PARTS)}, got {','.join(sorted(args.parts)) or 'nothing'}")
     args.compile_archs = [a.strip() for a in args.compile_archs.split(",") if a.strip()]
     args.size, args.batch, args.steps, args.rounds = (32, 4, 2, 2) if args.quick else (128, 32, 8, 3)
     # Small images and many seeds: from scratch, one run's valid accuracy swings by several points,
@@ -351,17 +408,21 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As a job picks them (num-workers=auto): none for naive, fewer where the images are decoded once.
     cpus, on_gpu = os.cpu_count() or 1, device.type == "cuda"
-    workers = {c: 0 if c == "naive" else auto_workers(cpus, 1, on_gpu, cached=c in ("default", "compiled"))
-               for c in ("naive", "fp32-nchw", "default", "compiled", "uncached", "gpu-decode")}
+    workers = {c: 0 if c == "naive" else auto_workers(cpus, 1, on_gpu, cached=c in CACHED)
+               for c in ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "uncached", "gpu-decode")}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         rows = throughput(args, device, workers, Path(tmp)) if "throughput" in args.parts else []
         acc = accuracy(args, device, workers, Path(tmp)) if "accuracy" in args.parts else None
-    met = targets(rows, acc, on_gpu=device.type == "cuda")
+        frozen_acc = (accuracy(args, device, workers, Path(tmp), "backbone",
+                               pretrained_backbone(args, device, workers, Path(tmp)))
+                      if "frozen-accuracy" in args.parts else None)
+    met = targets(rows, [a for a in (acc, frozen_acc) if a], on_gpu=device.type == "cuda")
 
     if rows:
         print_rows(args, device, workers, rows)
-    if acc:
-        print_accuracy(acc)
+    for a in (acc, frozen_acc):
+        if a:
+            print_accuracy(a)
     print("\ntargets")
     for t in met:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
@@ -370,7 +431,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
         "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
         "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick,
-        "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "targets": met}, indent=2))
+        "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "frozen_accuracy": frozen_acc,
+        "targets": met}, indent=2))
     print(f"\nwritten to {args.out}")
 
 
@@ -392,10 +454,15 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
 
 
 def print_accuracy(acc: dict) -> None:
-    print(f"\naccuracy ({acc['arch']} full, {acc['epochs']} epochs, {acc['train_images']} train / "
+    mode = "frozen backbone (a backbone trained on four of the shapes)" if acc["freeze"] == "backbone" else "full"
+    print(f"\naccuracy ({acc['arch']} {mode}, {acc['epochs']} epochs, {acc['train_images']} train / "
           f"{acc['valid_images']} valid shapes at {acc['image_size']}px, mean of seeds {acc['seeds']}): "
           f"naive {acc['naive']['valid_acc']:.3f} in {acc['naive']['train_seconds']:.0f} s a run, "
           f"default {acc['default']['valid_acc']:.3f} in {acc['default']['train_seconds']:.0f} s a run")
+    if acc["default"]["valid_acc_int8_trunk"] is not None:
+        trunks = sum(r["int8_trunk"] for r in acc["default"]["runs"])
+        print(f"  default through its int8 trunk, as trained ({trunks} of {len(acc['seeds'])} runs): "
+              f"{acc['default']['valid_acc_int8_trunk']:.3f}")
     if acc["difference_se"] is not None:
         print(f"  default - naive {acc['default_minus_naive']:+.3f}, standard error {acc['difference_se']:.3f} "
               f"(run-to-run sd: naive {acc['naive']['sd']:.3f}, default {acc['default']['sd']:.3f})")

@@ -35,17 +35,20 @@ def use_engine() -> None:
     torch.backends.quantized.engine = ENGINE
 
 
-def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str) -> torch.jit.ScriptModule:
+def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None) -> torch.jit.ScriptModule:
     """A frozen int8 TorchScript module of `model` (left unchanged) that takes the same
-    normalized float NCHW batch and returns float logits. `batches` calibrate the activation
+    normalized float NCHW batch and returns float outputs. `batches` calibrate the activation
     ranges; `head` (the final Linear layer) stays fp32: on a weakly trained ResNet-18 that
-    raised agreement with fp32 from 91.9% to 95.5% at the cost of one small matmul."""
+    raised agreement with fp32 from 91.9% to 95.5% at the cost of one small matmul. None for a
+    model without one (a frozen trunk, train.frozen_trunk)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     use_engine()
     fp32 = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
-    qconfig = get_default_qconfig_mapping(ENGINE).set_module_name(head, None)
+    qconfig = get_default_qconfig_mapping(ENGINE)
+    if head is not None:
+        qconfig = qconfig.set_module_name(head, None)
     example = None
     with warnings.catch_warnings(), torch.no_grad():
         # FX quantization and torch.jit warn that they are deprecated. Their successors need

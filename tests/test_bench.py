@@ -18,16 +18,19 @@ def test_training_benchmark_quick_run(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     configs = ("naive", "fp32-nchw", "default", "compiled", "gpu-decode")  # gpu-decode's path, on the CPU here
-    assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full") for c in configs}
+    assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full") for c in configs} | {
+        ("frozen", "int8-trunk")}
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
         # medians over the rounds the configurations took turns in
         assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
         assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
-        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled"))
+        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled", "int8-trunk"))
         # frozen-trunk as a job runs it: the default's frozen backbone traced, nothing else
-        traced = r["config"] in ("default", "gpu-decode") and r["freeze"] == "frozen"
+        traced = r["config"] in ("default", "gpu-decode", "int8-trunk") and r["freeze"] == "frozen"
+        if r["config"] != "default":  # default: int8 where a job's check passes, which random weights may not
+            assert r["int8_trunk"] == (r["config"] == "int8-trunk"), r
         assert r["frozen_trunk"] == (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
                                       "avgpool"] if traced else []), r
         if r["config"] == "compiled":
@@ -42,7 +45,13 @@ def test_training_benchmark_quick_run(tmp_path):
         assert len(accs) == len(acc["seeds"]) == 2 and acc[config]["sd"] == pytest.approx(statistics.stdev(accs))
     assert acc["difference_se"] == pytest.approx(((acc["naive"]["sd"]**2 + acc["default"]["sd"]**2) / 2) ** 0.5)
     assert "standard error" in result.stdout
-    assert len(report["targets"]) == 5 and all(isinstance(t["met"], bool) for t in report["targets"])
+    # end to end and vs naive for each default and the int8 trunk, then accuracy, full and frozen
+    assert len(report["targets"]) == 8 and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert [t["target"].split(":")[0] for t in report["targets"]][-2:] == [
+        "resnet18 full, 1 epochs, 2 seeds", "resnet18 frozen backbone, 1 epochs, 2 seeds"]
+    frozen_acc = report["frozen_accuracy"]
+    assert frozen_acc["freeze"] == "backbone" and 0 <= frozen_acc["default"]["valid_acc"] <= 1
+    assert "frozen backbone (a backbone trained on four of the shapes)" in result.stdout
     assert "e2e/syn" in result.stdout and "targets" in result.stdout
     naive, fp32 = ([r for r in rows if r["config"] == c and r["freeze"] == "full"] for c in ("naive", "fp32-nchw"))
     assert naive[0]["synthetic_rounds"] == fp32[0]["synthetic_rounds"]  # one ceiling: same model and precision
@@ -62,7 +71,8 @@ def test_training_benchmark_runs_one_part(tmp_path):
     assert "valid accuracy >= naive" in target["target"] and target["met"] == (target["value"] >= 0)
     bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--parts", "accuracy,speed"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--parts takes throughput and/or accuracy, got accuracy,speed" in bad.stderr
+    assert bad.returncode == 2 and ("--parts takes some of throughput, accuracy, frozen-accuracy, got accuracy,speed"
+                                    in bad.stderr)
 
 
 def test_serving_benchmark_quick_run(tmp_path):

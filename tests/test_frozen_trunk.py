@@ -77,6 +77,7 @@ def test_the_traced_trunk_computes_the_eager_model_and_its_gradients(freeze):
             assert p.grad is None
     frozen_trunk.detach(traced)
     assert "forward" not in traced.__dict__ and not hasattr(traced, "frozen_trunk")
+    assert not hasattr(traced, "frozen_trunk_int8")
 
 
 def test_under_bf16_autocast_the_trunk_answers_like_the_eager_model():
@@ -99,6 +100,9 @@ def test_when_a_job_leaves_the_trunk_eager():
     assert "only on a CPU" in frozen_trunk.why_not("auto", gpu, False, None)
     assert frozen_trunk.why_not("true", gpu, False, None) is None
     assert "compile=true" in frozen_trunk.why_not("true", cpu, True, None)
+    assert frozen_trunk.why_not("int8", cpu, False, None) is None
+    assert "quantized CPU kernels, not on cuda; use true" in frozen_trunk.why_not("int8", gpu, False, None)
+    assert frozen_trunk.wants_int8("auto") and frozen_trunk.wants_int8("int8") and not frozen_trunk.wants_int8("true")
     why = frozen_trunk.why_not("auto", cpu, False, {"losses", "relu_input"})
     assert "saves the collections relu_input" in why and "save only losses, weights, biases and gradients" in why
 
@@ -118,7 +122,9 @@ def test_the_debugger_collections_come_from_its_config(tmp_path):
 def test_frozen_trunk_hyperparameter():
     assert parse({}).frozen_trunk == "auto"
     assert parse({"frozen-trunk": "False"}).frozen_trunk == "false"
-    with pytest.raises(HyperparameterError, match="'frozen-trunk' = 'yes' is not valid: expected one of auto, true, false"):
+    assert parse({"frozen-trunk": "INT8"}).frozen_trunk == "int8"
+    with pytest.raises(HyperparameterError,
+                       match="'frozen-trunk' = 'yes' is not valid: expected one of auto, true, false, int8"):
         parse({"frozen-trunk": "yes"})
 
 
@@ -132,3 +138,70 @@ def test_a_checkpoint_resumes_across_frozen_trunk_settings(tmp_path):
                    {k: v for k, v in now.items() if k != "frozen-trunk"}):
         checkpoint.save(tmp_path, {"epoch": 1, "hyperparameters": before})
         assert checkpoint.load(tmp_path, now)["epoch"] == 1
+
+
+def test_int8_error_is_the_distance_over_the_spread_between_images():
+    reference = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # spread from the mean feature: norm sqrt(2); a 0.5 shift of both: sqrt(0.5)
+    assert frozen_trunk.int8_error(reference, reference) == 0
+    assert frozen_trunk.int8_error(reference, reference + torch.tensor([0.0, 0.5])) == pytest.approx(0.5)
+    same = torch.ones(3, 4)  # every image the same feature: int8 has nothing to keep apart
+    assert frozen_trunk.int8_error(same, same) == float("inf")
+
+
+@pytest.mark.parametrize("freeze", ["layer2", "backbone"])
+def test_the_int8_trunk_answers_like_fp32_and_trains_only_the_rest(freeze):
+    model, prefixes = _frozen(freeze)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = frozen_trunk.trunk(model)
+    calibration = [torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    graph, error = frozen_trunk.quantized(model, names, iter(calibration))
+    # Random weights on noise images give features that barely differ between images, so the error
+    # relative to that spread is larger than a trained backbone's (0.16-0.38 here, 0.05-0.11 for the
+    # bench's trained backbones); the model's modes stay as they were.
+    assert model.training and 0 < error < 1
+    frozen_trunk.attach(model, names, _x(), torch.bfloat16, graph)
+    assert model.frozen_trunk == tuple(names) and model.frozen_trunk_int8
+    x = calibration[0][:4].contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        expected = graph(x.contiguous())  # the int8 features, then the model's own trainable modules
+        for name in frozen_trunk.FORWARD[len(names):]:
+            expected = getattr(model, name)(expected)
+        expected = model.fc(torch.flatten(expected, 1))
+        got = model(x)
+        with torch.autocast("cpu", torch.bfloat16):  # as a training step calls it
+            cast = model(x).float()
+    torch.testing.assert_close(got, expected)
+    assert (cast - got).abs().max() <= 0.05 * got.abs().max()
+    finetune.set_train_mode(model, prefixes)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad} and "fc.weight" in trained
+    # the trunk's weights and statistics stay as they were, in fp32 (the trainable stages' BatchNorm
+    # statistics move in a training step, as they should)
+    kept = [k for k in state if k.split(".")[0] in names]
+    assert kept and all(torch.equal(model.state_dict()[k], state[k]) for k in kept)
+    assert all(model.state_dict()[k].dtype == v.dtype for k, v in state.items())
+    frozen_trunk.detach(model)
+    assert not hasattr(model, "frozen_trunk_int8")
+
+
+@pytest.mark.parametrize("mode, limit, int8", [("auto", 10.0, True), ("auto", 0.0, False), ("int8", 0.0, True),
+                                               ("true", 10.0, False)])
+def test_a_job_keeps_the_int8_trunk_only_where_its_features_stay_close(mode, limit, int8, monkeypatch, caplog):
+    from train.engine import choose_precision
+    from train.hyperparams import Config
+    from train.job import trace_trunk
+
+    monkeypatch.setattr(frozen_trunk, "INT8_MAX_ERROR", limit)
+    model, _ = _frozen("backbone")
+    calibration = lambda: (torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2))  # noqa: E731
+    cfg = Config(batch_size=4, image_size=64, frozen_trunk=mode)
+    with caplog.at_level("INFO", logger="train"):
+        names = trace_trunk(cfg, model, torch.device("cpu"), choose_precision("bf16", torch.device("cpu")), None,
+                            calibration)
+    assert names == list(frozen_trunk.FORWARD) and model.frozen_trunk_int8 == int8
+    assert f"run as one frozen {'int8' if int8 else 'bf16'} trace" in caplog.text
+    assert ("int8 calibrated on the training images" in caplog.text) == (mode != "true")
+    assert ("that is more than 0.00: int8 kept, as frozen-trunk=int8 asks" in caplog.text) == (mode == "int8")
+    assert ("that is more than 0.00: the float trace instead" in caplog.text) == (mode == "auto" and limit == 0)

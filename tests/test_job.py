@@ -227,7 +227,7 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
         "LocalPath": str(tensors), "HookParameters": {"save_interval": "50"},
         "CollectionConfigurations": [{"CollectionName": "losses"}, {"CollectionName": "gradients"},
                                      {"CollectionName": "weights"}]}))
-    job.hyperparameters(freeze="backbone")
+    job.hyperparameters(freeze="backbone", frozen_trunk="int8")
     result = job.run()
     assert result.returncode == 0, result.stdout[-3000:]
     assert "smdebug hook writing to" in result.stdout
@@ -235,10 +235,12 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
     names = trial.tensor_names()
     grads = [n for n in names if n.startswith("gradient/")]
     assert grads and all("fc." in n for n in grads)  # frozen layers get no gradients, and do not break the hook
-    # No collection here needs the backbone's modules to run: it runs as one trace, and the hook still
-    # saves the frozen weights (it reads them from the model, not from the modules' calls).
-    assert "frozen-trunk: the frozen conv1/bn1/relu/maxpool/layer1/layer2/layer3/layer4/avgpool run as one" \
-        in result.stdout
+    # No collection here needs the backbone's modules to run: it runs as one int8 trace, calibrated on the
+    # training images, and the hook still saves the frozen weights (it reads them from the model, not from
+    # the modules' calls).
+    assert "frozen-trunk: the frozen conv1/bn1/relu/maxpool/layer1/layer2/layer3/layer4/avgpool run as one " \
+           "frozen int8 trace" in result.stdout
+    assert "frozen-trunk: int8 calibrated on the training images in" in result.stdout
     assert {"ResNet_conv1.weight", "ResNet_layer4.1.conv2.weight", "ResNet_fc.weight"} <= set(names)
     loss = trial.tensor(trial.tensor_names(collection="losses")[0])
     assert loss.steps() == [0]  # 8 steps in all, saved every 50th

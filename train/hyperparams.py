@@ -54,7 +54,7 @@ class Config:
     cache_images: str = "auto"       # decode each image once and keep it in memory as uint8 (train.cache)
     compile: bool = False            # torch.compile the training model (inductor); see train.job.compiled
     conv_gemm: str = "auto"          # convolutions as one matrix multiply where timed faster on a CPU (train.conv_gemm)
-    frozen_trunk: str = "auto"       # a frozen ResNet trunk as one frozen trace, on a CPU (train.frozen_trunk)
+    frozen_trunk: str = "auto"       # a frozen ResNet trunk as one frozen trace (int8 on a CPU; train.frozen_trunk)
     gpu_decode: bool = False         # decode training JPEGs a batch at a time on the device (train.device_decode)
     int8: bool = True                # also write an int8 model for CPU servers (train.int8)
     processes_per_host: int = 0      # 0 or "auto": one per GPU, one on a CPU host (train.launcher)
@@ -152,7 +152,7 @@ PARSERS = {
     "num_workers": _workers, "precision": _choice(PRECISIONS), "channels_last": _bool,
     "cache_images": _choice(("auto", "true", "false")), "compile": _bool, "gpu_decode": _bool,
     "conv_gemm": _choice(("auto", "true", "false")),
-    "frozen_trunk": _choice(("auto", "true", "false")),
+    "frozen_trunk": _choice(("auto", "true", "false", "int8")),
     "int8": _bool,
     "processes_per_host": _processes,
     "profile_interval_ms": _number(int, 0, 3_600_000), "profile_steps": _steps,

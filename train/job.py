@@ -140,9 +140,11 @@ def example_batch(cfg: hyperparams.Config, device: torch.device) -> torch.Tensor
 
 
 def trace_trunk(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision,
-                debugger_config: Path | None) -> list[str]:
+                debugger_config: Path | None, calibration=None) -> list[str]:
     """frozen-trunk: the frozen leading modules of a ResNet run as one frozen trace
-    (train.frozen_trunk); returns their names. Before conv-gemm, which then times only the rest."""
+    (train.frozen_trunk); returns their names. Before conv-gemm, which then times only the rest.
+    calibration: a callable returning normalized training batches (int8.calibration_channel
+    through the eval preset), for the int8 trunk; without it the trunk is a float trace."""
     names = frozen_trunk.trunk(model)
     if not names:
         return []
@@ -151,9 +153,35 @@ def trace_trunk(cfg: hyperparams.Config, model: nn.Module, device: torch.device,
     if why:
         log.info("frozen-trunk: the frozen %s run eagerly (%s)", "/".join(names), why)
         return []
-    frozen_trunk.attach(model, names, example_batch(cfg, device), precision.dtype)
-    log.info("frozen-trunk: the frozen %s run as one frozen %s trace", "/".join(names), precision.name)
+    graph = (int8_trunk(cfg.frozen_trunk, model, names, calibration)
+             if calibration is not None and frozen_trunk.wants_int8(cfg.frozen_trunk) else None)
+    frozen_trunk.attach(model, names, example_batch(cfg, device), precision.dtype, graph)
+    log.info("frozen-trunk: the frozen %s run as one frozen %s trace", "/".join(names),
+             "int8" if graph is not None else precision.name)
     return names
+
+
+def int8_trunk(mode: str, model: nn.Module, names: list[str], calibration):
+    """The trunk's int8 graph, or None where auto keeps the float trace: its features stray too far
+    from fp32's, or quantizing failed (the job trains on: the float trace computes the same function)."""
+    start = time.perf_counter()
+    try:
+        graph, error = frozen_trunk.quantized(model, names, calibration())
+    except Exception as exc:
+        log.warning("frozen-trunk: quantizing the trunk failed (%s: %s); it runs as a float trace",
+                    type(exc).__name__, str(exc).strip()[:300])
+        return None
+    log.info("frozen-trunk: int8 calibrated on the training images in %.1f s; its features are %.3f from fp32's, "
+             "relative to their spread between images", time.perf_counter() - start, error)
+    if error <= frozen_trunk.INT8_MAX_ERROR:
+        return graph
+    if mode == "int8":
+        log.warning("frozen-trunk: that is more than %.2f: int8 kept, as frozen-trunk=int8 asks",
+                    frozen_trunk.INT8_MAX_ERROR)
+        return graph
+    log.warning("frozen-trunk: that is more than %.2f: the float trace instead (frozen-trunk=int8 would keep int8)",
+                frozen_trunk.INT8_MAX_ERROR)
+    return None
 
 
 def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision) -> list[str]:
@@ -264,7 +292,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
-    trace_trunk(cfg, model, device, precision, job.debugger_config)
+    trace_trunk(cfg, model, device, precision, job.debugger_config,
+                lambda: (batcher(images, labels)[0]
+                         for images, labels in calibration_loader(splits, eval_preset, eval_bs, cfg.seed, workers)))
     gemm_convs(cfg, model, device, precision)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
@@ -347,6 +377,12 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     return final
 
 
+def calibration_loader(splits: Splits, eval_preset, batch_size: int, seed: int, workers: int):
+    """int8's calibration images (the artifact's model and the int8 trunk alike), through the eval preset."""
+    return data.make_loader(int8.calibration_channel(splits.train), eval_preset, batch_size, shuffle=False,
+                            seed=seed, workers=min(workers, 2), pin_memory=False)
+
+
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
               channel):
     """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
@@ -354,10 +390,9 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return None
-    calibration = data.make_loader(int8.calibration_channel(splits.train), eval_preset, batch_size, shuffle=False,
-                                   seed=seed, workers=min(workers, 2), pin_memory=False)
     try:
-        graph, agreement, compared = int8.build(model, calibration, report_loader, batcher)
+        graph, agreement, compared = int8.build(model, calibration_loader(splits, eval_preset, batch_size, seed, workers),
+                                                report_loader, batcher)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
