@@ -53,10 +53,10 @@ from bench.images import photo_like_jpegs
 from imgcls import quantize
 from imgcls.models import create_model
 from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
-from train import cache, data, device_decode, finetune, frozen_trunk, int8
+from train import cache, data, device_decode, finetune, frozen_trunk
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
-from train.job import auto_workers, gemm_convs, trace_trunk
+from train.job import auto_workers, calibration_loader, gemm_convs, trace_trunk
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
@@ -140,9 +140,8 @@ class Setup:
         self.cache_seconds = sum(c.seconds for c in caches.values())
         self.batcher = Batcher(device, preset.normalize, self.channels_last)
         self.train_batcher = self.batcher
-        calibration = int8.calibration_channel(train_ch)  # as a job calibrates the int8 trunk (train.job)
-        self.calibration = lambda: (self.batcher(images, labels)[0] for images, labels in data.make_loader(
-            calibration, eval_preset, 2 * batch, shuffle=False, seed=seed, workers=min(workers, 2), pin_memory=False))
+        self.calibration = lambda: (self.batcher(images, labels)[0] for images, labels in  # as a job calibrates
+                                    calibration_loader(train_ch, eval_preset, 2 * batch, seed, workers))
         self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
                                       seed=seed, workers=workers, pin_memory=device.type == "cuda",
                                       cache=caches.get("valid")) if valid_ch else None
@@ -241,6 +240,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                         "first": first, "gemm": gemm, "e2e": [], "wait": [], "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
+    # int8-trunk has its own: its frozen trunk is another function.
     ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "int8-trunk" if c == "int8-trunk" else "default"
                for c in configs}
     ceilings = sorted(set(ceiling.values()))

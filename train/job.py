@@ -294,7 +294,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
 
     trace_trunk(cfg, model, device, precision, job.debugger_config,
                 lambda: (batcher(images, labels)[0]
-                         for images, labels in calibration_loader(splits, eval_preset, eval_bs, cfg.seed, workers)))
+                         for images, labels in calibration_loader(splits.train, eval_preset, eval_bs, cfg.seed, workers)))
     gemm_convs(cfg, model, device, precision)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
@@ -377,9 +377,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     return final
 
 
-def calibration_loader(splits: Splits, eval_preset, batch_size: int, seed: int, workers: int):
+def calibration_loader(train: data.Channel, eval_preset, batch_size: int, seed: int, workers: int):
     """int8's calibration images (the artifact's model and the int8 trunk alike), through the eval preset."""
-    return data.make_loader(int8.calibration_channel(splits.train), eval_preset, batch_size, shuffle=False,
+    return data.make_loader(int8.calibration_channel(train), eval_preset, batch_size, shuffle=False,
                             seed=seed, workers=min(workers, 2), pin_memory=False)
 
 
@@ -391,7 +391,7 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return None
     try:
-        graph, agreement, compared = int8.build(model, calibration_loader(splits, eval_preset, batch_size, seed, workers),
+        graph, agreement, compared = int8.build(model, calibration_loader(splits.train, eval_preset, batch_size, seed, workers),
                                                 report_loader, batcher)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
