@@ -10,9 +10,8 @@ AVX512-BF16 CPU the frozen-backbone training step (batch 32, 128 px) went from 1
 
 On a CPU with a quantized engine `auto` (and `int8`) freezes the trunk in int8 instead, as the
 artifact's int8 model (train.int8) is made: calibrated on the same training images through the
-eval preset. A frozen backbone then computes the features a CPU endpoint serving int8 computes,
-and its forward ran 2.3x (resnet18) and 2.0x (resnet50) faster than the bf16 trace at batch 32,
-128 px, on the AVX512-BF16 CPU. Where the int8 features stray from fp32's by more than
+eval preset. Its forward ran 2.3x (resnet18) and 2.0x (resnet50) faster than the bf16 trace at
+batch 32, 128 px, on the AVX512-BF16 CPU. Where the int8 features stray from fp32's by more than
 INT8_MAX_ERROR (relative to how much they vary between images), `auto` keeps the float trace.
 
 `attach` gives the model an instance `forward` that runs the trunk's trace and then the rest of
