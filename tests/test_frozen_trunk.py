@@ -205,3 +205,17 @@ def test_a_job_keeps_the_int8_trunk_only_where_its_features_stay_close(mode, lim
     assert ("int8 calibrated on the training images" in caplog.text) == (mode != "true")
     assert ("that is more than 0.00: int8 kept, as frozen-trunk=int8 asks" in caplog.text) == (mode == "int8")
     assert ("that is more than 0.00: the float trace instead" in caplog.text) == (mode == "auto" and limit == 0)
+
+
+def test_a_trunk_that_cannot_be_quantized_trains_on_as_a_float_trace(caplog):
+    from train.engine import choose_precision
+    from train.hyperparams import Config
+    from train.job import trace_trunk
+
+    model, _ = _frozen("backbone")
+    with caplog.at_level("INFO", logger="train"):  # no calibration images at all
+        names = trace_trunk(Config(batch_size=4, image_size=64), model, torch.device("cpu"),
+                            choose_precision("bf16", torch.device("cpu")), None, lambda: iter(()))
+    assert names == list(frozen_trunk.FORWARD) and not model.frozen_trunk_int8
+    assert "quantizing the trunk failed (ValueError: int8 calibration needs at least one batch" in caplog.text
+    assert "run as one frozen bf16 trace" in caplog.text
