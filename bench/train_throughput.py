@@ -56,7 +56,7 @@ from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval
 from train import cache, data, device_decode, finetune, frozen_trunk
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
-from train.job import auto_workers, calibration_loader, gemm_convs, trace_trunk
+from train.job import auto_workers, calibration_batches, gemm_convs, trace_trunk
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
@@ -78,14 +78,14 @@ def build(arch, classes, freeze, channels_last, device, seed=0, backbone=None):
     return model, frozen, opt
 
 
-def job_convs(setup: Setup, model, batch: int, size: int, frozen_trunk: str = "auto") -> list[str]:
+def job_convs(setup: Setup, model, batch: int, size: int) -> list[str]:
     """frozen-trunk and conv-gemm as a job sets them (auto; both off with compile=true) for the fast
     configurations; returns the convolutions conv-gemm swapped."""
     config, device, precision = setup.config, setup.device, setup.precision
     if not fast(config):
         return []
     cfg = Config(batch_size=batch, image_size=size, compile=config == "compiled",
-                 frozen_trunk="int8" if config == "int8-trunk" else frozen_trunk)
+                 frozen_trunk="int8" if config == "int8-trunk" else "auto")
     trace_trunk(cfg, model, device, precision, None, setup.calibration)
     return gemm_convs(cfg, model, device, precision)
 
@@ -140,8 +140,7 @@ class Setup:
         self.cache_seconds = sum(c.seconds for c in caches.values())
         self.batcher = Batcher(device, preset.normalize, self.channels_last)
         self.train_batcher = self.batcher
-        self.calibration = lambda: (self.batcher(images, labels)[0] for images, labels in  # as a job calibrates
-                                    calibration_loader(train_ch, eval_preset, 2 * batch, seed, workers))
+        self.calibration = lambda: calibration_batches(train_ch, eval_preset, self.batcher, 2 * batch, seed, workers)
         self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
                                       seed=seed, workers=workers, pin_memory=device.type == "cuda",
                                       cache=caches.get("valid")) if valid_ch else None
@@ -241,7 +240,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
     # int8-trunk has its own: its frozen trunk is another function.
-    ceiling = {c: "fp32-nchw" if c in ("naive", "fp32-nchw") else "int8-trunk" if c == "int8-trunk" else "default"
+    ceiling = {c: {"naive": "fp32-nchw", "fp32-nchw": "fp32-nchw", "int8-trunk": "int8-trunk"}.get(c, "default")
                for c in configs}
     ceilings = sorted(set(ceiling.values()))
 

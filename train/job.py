@@ -293,8 +293,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
     trace_trunk(cfg, model, device, precision, job.debugger_config,
-                lambda: (batcher(images, labels)[0]
-                         for images, labels in calibration_loader(splits.train, eval_preset, eval_bs, cfg.seed, workers)))
+                lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs, cfg.seed, workers))
     gemm_convs(cfg, model, device, precision)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
@@ -381,6 +380,12 @@ def calibration_loader(train: data.Channel, eval_preset, batch_size: int, seed: 
     """int8's calibration images (the artifact's model and the int8 trunk alike), through the eval preset."""
     return data.make_loader(int8.calibration_channel(train), eval_preset, batch_size, shuffle=False,
                             seed=seed, workers=min(workers, 2), pin_memory=False)
+
+
+def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batch_size: int, seed: int, workers: int):
+    """calibration_loader's images as normalized batches on the batcher's device (the int8 trunk's input)."""
+    for images, labels in calibration_loader(train, eval_preset, batch_size, seed, workers):
+        yield batcher(images, labels)[0]
 
 
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
