@@ -49,6 +49,14 @@ def test_training_benchmark_quick_run(tmp_path):
     assert len(report["targets"]) == 8 and all(isinstance(t["met"], bool) for t in report["targets"])
     assert [t["target"].split(":")[0] for t in report["targets"]][-2:] == [
         "resnet18 full, 1 epochs, 2 seeds", "resnet18 frozen backbone, 1 epochs, 2 seeds"]
+    assert all(f"{t['target']}: {t['shown']}" in result.stdout for t in report["targets"])
+    # an accuracy target shows both means and the signed difference, not a rounded 0.00
+    assert report["targets"][-2]["shown"].startswith(
+        f"{acc['default']['valid_acc']:.3f} vs {acc['naive']['valid_acc']:.3f} ({acc['default_minus_naive']:+.3f}, "
+        f"standard error {acc['difference_se']:.3f})")
+    # the table's precision column names the int8 trunk
+    int8_rows = [line.split() for line in result.stdout.splitlines() if line.startswith("resnet18  frozen  int8-trunk ")]
+    assert len(int8_rows) == 1 and int8_rows[0][3].startswith("int8/")
     frozen_acc = report["frozen_accuracy"]
     assert frozen_acc["freeze"] == "backbone" and 0 <= frozen_acc["default"]["valid_acc"] <= 1
     assert "frozen backbone (a backbone trained on four of the shapes)" in result.stdout
