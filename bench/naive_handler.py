@@ -4,6 +4,7 @@ one forward per request. It reads the same artifact and preprocessing values as 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -25,6 +26,10 @@ def handle(data, context):
         _state.update(model=model.eval(), names=card.class_names, transform=V1.Compose([
             V1.Resize(p["resize_size"]), V1.CenterCrop(p["crop_size"]), V1.ToTensor(),
             V1.Normalize(p["mean"], p["std"])]))
+        # Not what a notebook does, but ours does it (serve.handler_service.settle_heap): without it
+        # each worker's first full collection (about 150 ms) falls inside the benchmark's c4 window,
+        # and the ratio would credit ours with a one-off pause of the baseline.
+        gc.collect()
         with open(os.environ["IMGCLS_READY_FILE"], "a") as fh:  # what `serve` waits for
             fh.write(f"{os.getpid()}\n")
         return None
