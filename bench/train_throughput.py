@@ -372,7 +372,7 @@ def targets(rows: list[dict], accs: list[dict], on_gpu: bool = False) -> list[di
                       "value": acc["default_minus_naive"], "met": acc["default_minus_naive"] >= 0,
                       "shown": f"{acc['default']['valid_acc']:.3f} vs {acc['naive']['valid_acc']:.3f} "
                                f"({acc['default_minus_naive']:+.3f}"
-                               + (f", standard error {acc['difference_se']:.3f})" if acc["difference_se"] else ")")})
+                               + (f", standard error {acc['difference_se']:.3f})" if acc["difference_se"] is not None else ")")})
     for r in rows:  # the GPU target: JPEGs decoded every epoch (no decode-once) keep up with the model
         if on_gpu and r["config"] in ("uncached", "gpu-decode"):
             name = f"GPU {r['arch']} {r['freeze']} {r['config']}"
