@@ -63,6 +63,34 @@ def test_training_benchmark_quick_run(tmp_path):
     assert "e2e/syn" in result.stdout and "targets" in result.stdout
     naive, fp32 = ([r for r in rows if r["config"] == c and r["freeze"] == "full"] for c in ("naive", "fp32-nchw"))
     assert naive[0]["synthetic_rounds"] == fp32[0]["synthetic_rounds"]  # one ceiling: same model and precision
+    # the roofline: model FLOP/s against the multiply rate of the row's precision, timed in the same rounds
+    for r in rows:
+        assert r["model_gflop_s"] == pytest.approx(r["end_to_end_img_s"] * r["model_gflop_per_image"])
+        if r["int8_trunk"]:
+            assert r["of_matmul"] is r["most_vs_naive"] is r["matmul_gflop_s"] is None
+            continue
+        assert len(r["matmul_rounds"]) == 2 and r["matmul_gflop_s"] == pytest.approx(statistics.median(r["matmul_rounds"]))
+        assert r["of_matmul"] == pytest.approx(r["model_gflop_s"] / r["matmul_gflop_s"])
+        assert r["most_vs_naive"] == pytest.approx(r["matmul_gflop_s"] / r["model_gflop_per_image"] / next(
+            n["end_to_end_img_s"] for n in rows if n["config"] == "naive" and n["freeze"] == r["freeze"]))
+    frozen, full = (next(r["model_gflop_per_image"] for r in rows if r["freeze"] == f) for f in ("frozen", "full"))
+    assert 2.5 * frozen < full < 3 * frozen  # backward through the backbone: about twice its forward
+    assert "of mm" in result.stdout and "matrix multiply rate" in result.stdout
+    assert all("multiply rate)" in t["shown"] for t in report["targets"] if t["target"].endswith("full: default >= 3 x naive"))
+
+
+def test_a_target_prints_what_decided_it():
+    from bench.train_throughput import targets
+
+    row = {"arch": "resnet18", "freeze": "full", "config": "default", "precision": "bf16",
+           "e2e_over_synthetic": 0.8497, "vs_naive": 2.996, "most_vs_naive": 2.94}
+    e2e, naive = targets([row], [])
+    # two places would round both onto their thresholds, as if met
+    assert (e2e["met"], e2e["shown"]) == (False, "0.8497") and (naive["met"], naive["shown"][:5]) == (False, "2.996")
+    assert naive["shown"] == "2.996 (at most 2.94 at this device's bf16 multiply rate)"
+    row.update(e2e_over_synthetic=0.912, vs_naive=3.004, most_vs_naive=None, config="int8-trunk")
+    e2e, naive = targets([row], [])
+    assert (e2e["met"], e2e["shown"], naive["met"], naive["shown"]) == (True, "0.91", True, "3.00")
 
 
 def test_training_benchmark_runs_one_part(tmp_path):
