@@ -3,7 +3,8 @@
 For each architecture: start-up to ready, latency p50/p95 at concurrency 1, throughput at
 concurrency 4 and 8, all with 500x375 JPEGs (one image per request), and next to them the
 in-process time of the same request (decode + preprocess + forward through serve.predictor),
-so the server's own overhead (HTTP, the JVM front end, the worker protocol) is visible.
+so the server's own overhead (HTTP, the JVM front end, the worker protocol) is visible. The
+forward alone is set against the device's multiply rate in the served precision (bench.roofline).
 Writes bench/results/serve_latency.json.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import roofline
 from bench.images import photo_like_jpegs
 from imgcls import artifact, quantize
 from imgcls.models import create_model, head_name
@@ -82,6 +84,26 @@ def add_int8_and_agreement(model_dir: Path, jpegs: list[bytes], calibration: lis
     return agreement
 
 
+def arithmetic(inproc: InProcess, arch: str, crop: int, workers: int, rounds: int, quick: bool) -> dict:
+    """The served forward alone (one preprocessed image, a worker's threads) against the device's
+    multiply rate in the served precision at those threads, taking turns (bench.roofline)."""
+    predictor, cpu = inproc.predictor, torch.device("cpu")
+    gflop = roofline.step_gflop(create_model(arch, len(predictor.class_names)).requires_grad_(False), crop)
+    batch = predictor.preprocess([inproc.jpegs[0]])
+    forward_ms, rates = [], []
+    torch.set_num_threads(inproc.threads)
+    for _ in range(rounds):
+        for _ in range(10):
+            t = time.perf_counter()
+            predictor.forward(batch)
+            forward_ms.append((time.perf_counter() - t) * 1000)
+        rates.append(roofline.matmul_rate(cpu, predictor.precision, *roofline.sizes(cpu, quick)))
+    forward, rate = statistics.median(forward_ms), statistics.median(rates)
+    return {"forward_ms": forward, "model_gflop_per_image": gflop, "model_gflop_s": gflop / forward * 1000,
+            "matmul_gflop_s": rate, "matmul_rounds": rates, "of_matmul": gflop / forward * 1000 / rate,
+            "most_img_s_c4": workers * rate / gflop}
+
+
 def cpu_seconds(proc) -> float:
     """User + system CPU time of a psutil.Process."""
     times = proc.cpu_times()
@@ -136,7 +158,7 @@ def run_load(client: KeepAliveClient, jpegs: list[bytes], concurrency: int, tota
 
 
 def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes], requests: int,
-               work: Path, warmup: int, rounds: int, precision: str = "auto") -> dict:
+               work: Path, warmup: int, rounds: int, precision: str = "auto", quick: bool = False) -> dict:
     base = work / arch
     model_dir = make_artifact(base, arch, crop)
     agreement = add_int8_and_agreement(model_dir, jpegs, calibration)
@@ -191,6 +213,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
     finally:
         for server in servers.values():
             server.stop()
+    row.update(arithmetic(inproc[""], arch, crop, workers, rounds, quick))
     for label in clients:
         lat = latencies[label]
         row.update({f"{label}p50_ms": percentile(lat, 50), f"{label}p95_ms": percentile(lat, 95),
@@ -198,6 +221,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
     row["in_process_ms"] = inproc[""].median_ms
     row["overhead_ms"] = row["p50_ms"] - row["in_process_ms"]
     row["c4_vs_naive"] = row["img_s_c4"] / row["naive_img_s_c4"]
+    row["most_c4_vs_naive"] = row["most_img_s_c4"] / row["naive_img_s_c4"]
     row["one_worker_in_process_ms"] = inproc["one_worker_"].median_ms
     row["one_worker_overhead_ms"] = row["one_worker_p50_ms"] - row["one_worker_in_process_ms"]
     return row
@@ -235,7 +259,7 @@ def main() -> None:
         for arch in args.archs.split(","):
             rows.append(bench_arch(arch.strip(), crop, jpegs, calibration, requests, Path(tmp),
                                    warmup=4 if args.quick else 40, rounds=2 if args.quick else 4,
-                                   precision=args.precision))
+                                   precision=args.precision, quick=args.quick))
     header = (f"{'arch':<10} {'w x t':>6} {'prec':>5} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
               f"{'vs naive':>9}")
@@ -255,6 +279,10 @@ def main() -> None:
               f"(in-proc {r['one_worker_in_process_ms']:.1f}, overhead {r['one_worker_overhead_ms']:.1f}), "
               f"c4 {r['one_worker_img_s_c4']:.1f} img/s; the default plan gives "
               f"{r['img_s_c4'] / r['one_worker_img_s_c4']:.2f}x its c4 throughput at {r['p50_ms'] - r['one_worker_p50_ms']:+.1f} ms p50")
+        print(f"{'':<10} the forward alone: {r['forward_ms']:.1f} ms, {r['model_gflop_s']:.0f} GFLOP/s, "
+              f"{r['of_matmul']:.2f} of the {r['precision']} multiply rate ({r['matmul_gflop_s']:.0f} GFLOP/s at "
+              f"{r['threads']} thread(s)); at that rate and nothing else {r['workers']} workers would serve at most "
+              f"{r['most_img_s_c4']:.0f} img/s, {r['most_c4_vs_naive']:.1f}x naive's c4")
     met = targets(rows)
     print("targets")
     for t in met:

@@ -128,6 +128,13 @@ def test_serving_benchmark_quick_run(tmp_path):
     # The front end's CPU per request is measured on each server's own JVM.
     assert min(row["jvm_cpu_ms"], row["naive_jvm_cpu_ms"], row["one_worker_jvm_cpu_ms"]) > 0
     assert "the JVM's CPU per request" in result.stdout
+    # the forward alone against the int8 multiply rate at a worker's threads (bench.roofline)
+    assert 0 < row["forward_ms"] < row["in_process_ms"] and len(row["matmul_rounds"]) == 2
+    assert row["model_gflop_s"] == pytest.approx(row["model_gflop_per_image"] / row["forward_ms"] * 1000)
+    assert row["of_matmul"] == pytest.approx(row["model_gflop_s"] / row["matmul_gflop_s"])
+    assert row["most_c4_vs_naive"] == pytest.approx(
+        row["workers"] * row["matmul_gflop_s"] / row["model_gflop_per_image"] / row["naive_img_s_c4"])
+    assert "of the int8 multiply rate" in result.stdout
 
 
 def test_jvm_flags_benchmark_quick_run(tmp_path):

@@ -33,7 +33,7 @@ def test_a_training_step_counts_the_backward_that_runs():
 
 
 def test_the_matmul_rate_is_a_rate_of_the_multiplys_arithmetic():
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "int8"):
         rate = roofline.matmul_rate(torch.device("cpu"), precision, 256, 3)
         # 2 x 256^3 FLOP take more than a microsecond and less than a second on any CPU
         assert 2 * 256**3 / 1e9 < rate < 2 * 256**3 / 1e3, (precision, rate)
