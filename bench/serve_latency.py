@@ -99,8 +99,9 @@ def arithmetic(inproc: InProcess, arch: str, crop: int, workers: int, rounds: in
             forward_ms.append((time.perf_counter() - t) * 1000)
         rates.append(roofline.matmul_rate(cpu, predictor.precision, *roofline.sizes(cpu, quick)))
     forward, rate = statistics.median(forward_ms), statistics.median(rates)
-    return {"forward_ms": forward, "model_gflop_per_image": gflop, "model_gflop_s": gflop / forward * 1000,
-            "matmul_gflop_s": rate, "matmul_rounds": rates, "of_matmul": gflop / forward * 1000 / rate,
+    flops = gflop / forward * 1000
+    return {"forward_ms": forward, "model_gflop_per_image": gflop, "model_gflop_s": flops,
+            "matmul_gflop_s": rate, "matmul_rounds": rates, "of_matmul": flops / rate,
             "most_img_s_c4": workers * rate / gflop}
 
 

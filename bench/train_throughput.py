@@ -281,6 +281,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         int8 = bool(getattr(r["model"], "frozen_trunk_int8", False))
         # an int8 trunk does its arithmetic outside the precision's multiply: no bound from it
         rate = None if int8 else statistics.median(matmul[precision])
+        flops = e2e * gflop
         rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
                      "precision": precision, "channels_last": r["setup"].channels_last,
                      "workers": workers[config], "rounds": args.rounds,
@@ -290,9 +291,9 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
                      "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())), "int8_trunk": int8,
-                     "model_gflop_per_image": gflop, "model_gflop_s": e2e * gflop,
+                     "model_gflop_per_image": gflop, "model_gflop_s": flops,
                      "matmul_gflop_s": rate, "matmul_rounds": None if int8 else matmul[precision],
-                     "of_matmul": None if int8 else e2e * gflop / rate,
+                     "of_matmul": None if int8 else flops / rate,
                      "most_img_s": None if int8 else rate / gflop})
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
