@@ -206,6 +206,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     seed_everything(cfg.seed)
     on_gpu = torch.cuda.is_available()
     device = torch.device(f"cuda:{rank.local_rank}" if on_gpu else "cpu")
+    # Every training batch has one shape: cuDNN times its algorithms once per shape and keeps the fastest.
+    torch.backends.cudnn.benchmark = on_gpu
     rank.start(device)
     for name in job.ignored_channels:
         log.warning("channel '%s' is not one of train, valid, test, pretrained: ignored", name)
