@@ -19,6 +19,9 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
 Measurements per (arch, freeze, config):
   synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
   end-to-end  train_one_epoch over 500x375 photo-like JPEG files, after a first epoch (workers warm)
+  data        the same epoch's data path alone, no model: loader, batcher, copy to the device ("data",
+              every configuration but naive). Where end to end falls short of both it and synthetic,
+              the two do not overlap; where it is near data, the data path is the limit.
 Both are medians over rounds (3; 2 in --quick) in which every configuration of a model and both
 ceilings take turns, so that a ratio's two sides see the same spells of a noisy host.
 Roofline (bench.roofline): the model's GFLOP per training image, and the device's matrix multiply
@@ -162,6 +165,20 @@ class Setup:
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
                                       pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))
 
+    def data_epoch(self, epoch: int) -> float:
+        """images/s of the data path alone: the training loader's epoch through the batcher to the
+        device (decode, crop, collate, copy, normalize), no model. Set beside the synthetic rate, it
+        tells whether a slow end to end is the data path's or their overlap's."""
+        if hasattr(self.train.sampler, "set_epoch"):
+            self.train.sampler.set_epoch(epoch)
+        images, start = 0, time.perf_counter()
+        for batch, labels in self.train:
+            x, _ = self.train_batcher(batch, labels)
+            images += x.shape[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return images / (time.perf_counter() - start)
+
     def epoch(self, model, frozen, opt, epoch: int, sched=None):
         """sched: the run's schedule, stepped per batch; None holds the rate (throughput runs)."""
         if hasattr(self.train.sampler, "set_epoch"):
@@ -258,7 +275,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         run_model = torch.compile(model) if config == "compiled" else model
         first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
         runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
-                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "synthetic": []}
+                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "data": [], "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
     # int8-trunk has its own: its frozen trunk is another function.
@@ -284,6 +301,8 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], epoch)
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)
+            if config != "naive":  # its data path is the PIL one in the training process: no question there
+                r["data"].append(r["setup"].data_epoch(epoch))
         for c in ceilings:
             runs[c]["synthetic"].append(synthetic(c, args.steps))
         for p in precisions:
@@ -303,6 +322,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "synthetic_img_s": ceiling_rate, "end_to_end_img_s": e2e,
                      "e2e_over_synthetic": e2e / ceiling_rate,
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
+                     "data_img_s": statistics.median(r["data"]) if r["data"] else None, "data_rounds": r["data"],
                      "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
                      "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())), "int8_trunk": int8,
@@ -516,7 +536,7 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
     print("model GFLOP per training image: " + ", ".join(sorted({
         f"{r['arch']} {r['freeze']} {r['model_gflop_per_image']:.2f}" for r in rows})))
     header = f"{'arch':<10}{'mode':<8}{'config':<11}{'prec':<10}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
-             f"{'vs naive':>10}{'wait':>7}{'GFLOP/s':>9}{'of mm':>7}"
+             f"{'data':>9}{'vs naive':>10}{'wait':>7}{'GFLOP/s':>9}{'of mm':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -524,9 +544,10 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
                     if r["config"] == "compiled" else "")
         # the int8 trunk runs int8 under the step's autocast; the rest of the model in r["precision"]
         precision = f"int8/{r['precision']}" if r["int8_trunk"] else r["precision"]
+        data = f"{r['data_img_s']:.1f}" if r["data_img_s"] else "-"
         share = f"{r['of_matmul']:.2f}" if r["of_matmul"] else "-"  # of the multiply rate (bench.roofline)
         print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{precision:<10}{r['synthetic_img_s']:>11.1f}"
-              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{r['vs_naive']:>10.2f}"
+              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{data:>9}{r['vs_naive']:>10.2f}"
               f"{r['data_wait']:>7.2f}{r['model_gflop_s']:>9.0f}{share:>7}{compiled}")
 
 

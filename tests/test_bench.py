@@ -22,6 +22,12 @@ def test_training_benchmark_quick_run(tmp_path):
         ("frozen", "int8-trunk")}
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
+        # the data path alone, in the same rounds; naive's is its PIL path, not timed
+        if r["config"] == "naive":
+            assert r["data_img_s"] is None and r["data_rounds"] == []
+        else:
+            assert len(r["data_rounds"]) == 2 and r["data_img_s"] == pytest.approx(statistics.median(r["data_rounds"]))
+            assert r["data_img_s"] > 0
         # medians over the rounds the configurations took turns in
         assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
@@ -109,6 +115,23 @@ def test_training_benchmark_runs_one_part(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and ("--parts takes some of throughput, accuracy, frozen-accuracy, got accuracy,speed"
                                     in bad.stderr)
+    bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--batch", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--batch takes a positive integer of at least 2, got 1" in bad.stderr
+
+
+def test_training_benchmark_sizes_can_be_set(tmp_path):
+    """--size/--batch/--steps/--rounds override the sizes (a GPU run's 224 px, batch 128 by default)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--parts", "throughput",
+                             "--archs", "resnet18", "--compile-archs", "", "--size", "40", "--batch", "3",
+                             "--steps", "3", "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["image_size"], report["batch_size"], report["steps"], report["rounds"]) == (40, 3, 3, 1)
+    assert all(len(r["end_to_end_rounds"]) == 1 for r in report["rows"])
+    assert "cropped to 40px, batch 3, 3 steps, median of 1 rounds" in result.stdout
 
 
 def test_serving_benchmark_quick_run(tmp_path):
@@ -150,3 +173,19 @@ def test_jvm_flags_benchmark_quick_run(tmp_path):
         for label in ("default", "other"):
             assert row[f"{label}_jvm_cpu_ms"] > 0 and row[f"{label}_img_s_c4"] > 0 and row[f"{label}_p50_ms"] > 0
     assert "JVM CPU per request" in result.stdout
+
+
+def test_photos_are_fixed_by_their_chunks(tmp_path, monkeypatch):
+    """The bench's JPEGs come in chunks made in parallel, each from its own seed: the same files
+    whatever the pool's size."""
+    import bench.train_throughput as bench
+    from bench.images import photo_like_jpegs
+
+    monkeypatch.setattr(bench, "PHOTO_CHUNK", 4)
+    channel = bench.photo_channel(tmp_path, 10, classes=3)
+    files = sorted(channel.samples)
+    assert len(files) == 10 and {label for _, label in files} == {0, 1, 2}
+    by_index = {int(path.stem): path.read_bytes() for path, _ in files}
+    expected = photo_like_jpegs(4, seed=0) + photo_like_jpegs(4, seed=1) + photo_like_jpegs(2, seed=2)
+    assert [by_index[i] for i in range(10)] == expected
+    assert expected[0] != expected[4]  # another seed, another image
