@@ -189,3 +189,29 @@ def test_photos_are_fixed_by_their_chunks(tmp_path, monkeypatch):
     expected = photo_like_jpegs(4, seed=0) + photo_like_jpegs(4, seed=1) + photo_like_jpegs(2, seed=2)
     assert [by_index[i] for i in range(10)] == expected
     assert expected[0] != expected[4]  # another seed, another image
+
+
+def test_loader_probe_quick_run(tmp_path):
+    out = tmp_path / "probe.json"
+    result = subprocess.run([sys.executable, "-m", "bench.loader_probe", "--quick", "--workers", "2,1", "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["source"], r["workers"], r["pin_memory"]) for r in rows] == [
+        (s, w, p) for s in ("cached", "uncached") for w in (2, 1) for p in (True, False)]
+    for r in rows:
+        assert r["img_s"] > 0 and r["first_epoch_img_s"] > 0 and r["shutdown_s"] >= 0
+        assert len(r["rounds"]) == report["rounds"] == 2 and r["img_s"] == pytest.approx(statistics.median(r["rounds"]))
+    assert "shutdown s" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.loader_probe", "--quick", "--workers", "4,0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--workers takes positive integers separated by commas, got '4,0'" in bad.stderr
+
+
+def test_loader_probe_tries_the_auto_worker_count_and_fewer():
+    from bench.loader_probe import worker_counts
+
+    assert worker_counts(16, on_gpu=True) == [16, 8, 4]
+    assert worker_counts(64, on_gpu=True) == [16, 8, 4]  # auto stops at 16
+    assert worker_counts(2, on_gpu=False) == [1]

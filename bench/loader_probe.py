@@ -1,0 +1,114 @@
+"""The training data path alone against the loader's settings: images/s of the training loader's
+epoch through the batcher to the device (decode or cached crop, collate, copy, normalize; no
+model), for several worker counts with pinned memory on and off, and the seconds the loader takes
+to shut its workers down when it is freed.
+
+Why: on an H200 with 16 CPUs (docs/benchmarks.md, 2026-12-04) 16 workers fed resnet50 at 0.68 of
+its in-memory rate even with the images decoded once, about what one worker crops on a 2-core CPU,
+and the bench's process outlived its work by minutes after its loaders were freed. This probe
+separates the two questions (how fast can the loader go; does shutting it down wait) from the model
+in one short run. On a CPU pinned memory is a no-op (torch needs an accelerator for it) and the
+rows only keep the probe working.
+
+Sizes as the training benchmark's (224 px, batch 128 on a GPU); `--quick` runs tiny ones. Writes
+bench/results/loader_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench.train_throughput import SIZES, photo_channel
+from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
+from train import cache, data
+from train.engine import Batcher
+from train.job import auto_workers
+
+SOURCES = ("cached", "uncached")
+
+
+def worker_counts(cpus: int, on_gpu: bool) -> list[int]:
+    """What num-workers=auto picks, then a half and a quarter of it (uncached, where all are used)."""
+    auto = auto_workers(cpus, 1, on_gpu)
+    return sorted({auto, max(1, auto // 2), max(1, auto // 4)}, reverse=True)
+
+
+def epoch_rate(loader, batcher: Batcher, epoch: int) -> float:
+    loader.sampler.set_epoch(epoch)
+    images, start = 0, time.perf_counter()
+    for batch, labels in loader:
+        x, _ = batcher(batch, labels)
+        images += x.shape[0]
+    if batcher.device.type == "cuda":
+        torch.cuda.synchronize(batcher.device)
+    return images / (time.perf_counter() - start)
+
+
+def probe(channel, train_cache, source: str, workers: int, pin: bool, args, device) -> dict:
+    preset = ClassificationPresetTrain(args.size, "light")
+    loader = data.make_loader(channel, preset, args.batch, shuffle=True, seed=0, workers=workers,
+                              pin_memory=pin, drop_last=True, cache=train_cache if source == "cached" else None)
+    batcher = Batcher(device, preset.normalize, channels_last=True)
+    first = epoch_rate(loader, batcher, 0)  # workers start
+    rates = [epoch_rate(loader, batcher, e) for e in range(1, args.rounds + 1)]
+    start = time.perf_counter()
+    del loader  # persistent workers: freeing the loader shuts them down
+    gc.collect()
+    shutdown = time.perf_counter() - start
+    row = {"source": source, "workers": workers, "pin_memory": pin, "first_epoch_img_s": first,
+           "img_s": statistics.median(rates), "rounds": rates, "shutdown_s": shutdown}
+    print(f"  {source:<9}{workers:>8}  {'on' if pin else 'off':<5}{row['img_s']:>10.0f}{shutdown:>12.2f}", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that keeps the probe working")
+    p.add_argument("--workers", help="worker counts, comma-separated (default: num-workers=auto, a half, a quarter)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/loader_probe.json"))
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = os.cpu_count() or 1
+    args.size, args.batch, args.steps, args.rounds = SIZES["quick" if args.quick else device.type]
+    try:
+        counts = ([int(x) for x in args.workers.split(",")] if args.workers
+                  else worker_counts(cpus, device.type == "cuda"))
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        p.error(f"--workers takes positive integers separated by commas, got {args.workers!r}")
+    print(f"the training data path alone on {device} ({cpus} CPUs): 500x375 JPEGs to {args.size} px, batch "
+          f"{args.batch}, {args.steps} steps, median of {args.rounds} epochs after a first")
+    print(f"  {'source':<9}{'workers':>8}  {'pin':<5}{'img/s':>10}{'shutdown s':>12}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="loader-probe-") as tmp:
+        channel = photo_channel(Path(tmp), args.batch * args.steps, 6)
+        paths = [path for path, _ in channel.samples]
+        eval_preset = ClassificationPresetEval(args.size)
+        train_size, _ = cache.plan("true", paths, 0, eval_preset)
+        train_cache = cache.decode_splits(paths, {}, eval_preset, cpus, train_size)["train"]
+        for source in SOURCES:
+            for workers in counts:
+                for pin in (True, False):
+                    rows.append(probe(channel, train_cache, source, workers, pin, args, device))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.now(timezone.utc).date().isoformat(), "device": str(device), "cpus": cpus,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
+        "image_size": args.size, "batch_size": args.batch, "steps": args.steps, "rounds": args.rounds,
+        "quick": args.quick, "rows": rows}, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
