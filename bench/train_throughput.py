@@ -222,8 +222,8 @@ def _photos(count: int, seed: int) -> list[bytes]:
 
 
 def photo_channel(root: Path, count: int, classes: int) -> data.Channel:
-    """count photo-like JPEGs in `classes` folders. They are made in chunks of PHOTO_CHUNK, each
-    from its own seed, in parallel: a GPU run's 2560 would take 40 s on one core (15 ms each here). The chunking,
+    """count photo-like JPEGs in `classes` folders, made in chunks of PHOTO_CHUNK, each from its own
+    seed, in parallel: a GPU run's 2560 would take 40 s on one core (15 ms each here). The chunking,
     not the CPU count, fixes the images."""
     chunks = [min(PHOTO_CHUNK, count - start) for start in range(0, count, PHOTO_CHUNK)]
     with ProcessPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:
