@@ -40,6 +40,7 @@ valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/tra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -210,6 +211,14 @@ def fast(config: str) -> bool:
     return config not in ("naive", "fp32-nchw")
 
 
+def release_loaders() -> None:
+    """Shut the finished configurations' loader workers down now, in this process. A Setup sits in
+    reference cycles, so without a collection its persistent workers live on, and the next loader's
+    workers, forked from this process, inherit them and try to shut them down as their own ("can
+    only test a child process", seen with one worker per loader)."""
+    gc.collect()
+
+
 def synthetic_epoch(setup: Setup, model, frozen, opt, size, batch, steps, classes):
     """The training step of `setup`'s model and precision on uint8 tensors already in memory."""
     return train_one_epoch(model, InMemory(batch, steps, size, classes), setup.batcher, nn.CrossEntropyLoss(), opt,
@@ -249,6 +258,7 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
             elif args.quick:
                 configs += ("gpu-decode",)
             rows += measure(args, device, workers, channel, classes, arch, freeze, configs)
+            release_loaders()
     for r in rows:
         naive = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"] and b["config"] == "naive")
         r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"]
@@ -398,6 +408,8 @@ def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: 
             print(f"  accuracy {freeze} {config} seed {seed}: {result.accuracy:.3f}"
                   + (f" ({through_trunk.accuracy:.3f} through the int8 trunk)" if through_trunk else "")
                   + f" after {args.acc_epochs} epochs ({seconds:.0f} s)", flush=True)
+            del setup
+            release_loaders()
         accs = [r["valid_acc"] for r in runs]
         out[config] = {"valid_acc": statistics.fmean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else None,
                        "train_seconds": statistics.fmean(r["train_seconds"] for r in runs), "runs": runs}

@@ -215,3 +215,23 @@ def test_loader_probe_tries_the_auto_worker_count_and_fewer():
     assert worker_counts(16, on_gpu=True) == [16, 8, 4]
     assert worker_counts(64, on_gpu=True) == [16, 8, 4]  # auto stops at 16
     assert worker_counts(2, on_gpu=False) == [1]
+
+
+def test_runs_one_after_another_leave_no_loader_workers_behind(tmp_path):
+    """Each accuracy run's loader workers are shut down when the run ends, in this process: left to
+    the garbage collector they live on, and the next run's workers, forked from this process,
+    inherit them and try to shut them down as their own."""
+    script = f"""
+import multiprocessing
+import types
+from pathlib import Path
+import torch
+from bench.train_throughput import accuracy
+args = types.SimpleNamespace(acc_size=32, acc_images=100, acc_valid=5, acc_epochs=2, acc_seeds=[3, 4])
+out = accuracy(args, torch.device("cpu"), {{"naive": 0, "default": 1}}, Path({str(tmp_path)!r}))
+print("runs", len(out["default"]["runs"]), "workers alive", len(multiprocessing.active_children()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "runs 2 workers alive 0" in result.stdout, result.stdout
+    assert "can only test a child process" not in result.stderr, result.stderr[-3000:]
