@@ -12,9 +12,11 @@ how ours differs:
   (stuck) or 10% above the best window so far (rising): a plateau far below the start is a
   converged run, not a stuck one.
 - VanishingGradient fires where some layers' gradients vanish while others' do not, up to the
-  first step with a NaN or infinite gradient. A step whose every gradient is zero had a fitted
-  batch (no loss to send back), and after a NaN the run has diverged (ExplodingTensor's finding):
-  neither says that a layer cannot learn.
+  first step with a NaN or infinite gradient or a batch loss DIVERGED_LOSS times the first saved
+  one. A step whose every gradient is zero had a fitted batch (no loss to send back), and from
+  such a step the run has diverged (LossNotDecreasing's and ExplodingTensor's finding): neither
+  says that a layer cannot learn. A diverging run's output layer can get an exactly zero gradient
+  when every logit saturates (seen at a loss of 5e18, bf16 on AMX).
 - PoorWeightInitialization looks at the first `steps` training steps: activation-input variance
   across layers (zero in a layer, or max/min above `threshold`), the 5th-95th percentile range of
   all gradients (below `distribution_range`), and a loss that does not move at all.
@@ -39,6 +41,10 @@ def _smdebug():
     from smdebug.rules.rule_invoker import invoke_rule
 
     return Rule, invoke_rule, RuleEvaluationConditionMet
+
+
+# A batch loss this many times the first saved one: the run is diverging, not learning slowly.
+DIVERGED_LOSS = 1000.0
 
 
 def _rule_base():
@@ -129,20 +135,33 @@ def rule_classes() -> dict[str, type]:
             super().__init__(base_trial)
             self.threshold = float(threshold)
             self.names = T.gradient_names(base_trial)
+            self.losses = T.loss_names(base_trial)
+            self.first_loss: float | None = None
             self.diverged_at: int | None = None
 
         def available(self):
             return bool(self.names)
 
+        def diverged(self, step) -> bool:
+            """A NaN or infinite gradient, or a loss that blew up: from here the weights are wrecked."""
+            if self.losses and T.saved(self.base_trial, self.losses[0], step):
+                loss = T.stats(self.base_trial, self.losses[0], step).mean
+                if self.first_loss is None:
+                    self.first_loss = loss
+                if not np.isfinite(loss) or loss > DIVERGED_LOSS * max(self.first_loss, 1e-3):
+                    return True
+            return not all(T.stats(self.base_trial, n, step).finite for n in self.names
+                           if T.saved(self.base_trial, n, step))
+
         def invoke_at_step(self, step):
             t = self.train_step(step)
             if t is None or self.diverged_at is not None:
                 return False
-            saved = {n: T.stats(self.base_trial, n, step) for n in self.names if T.saved(self.base_trial, n, step)}
-            if not all(s.finite for s in saved.values()):
-                # From here the weights are NaN or wrecked: what their gradients do is ExplodingTensor's finding.
+            if self.diverged(step):
+                # What the gradients do from here is the loss's and ExplodingTensor's finding.
                 self.diverged_at = t
                 return False
+            saved = {n: T.stats(self.base_trial, n, step) for n in self.names if T.saved(self.base_trial, n, step)}
             vanished = [n for n, s in saved.items() if s.mean_abs < self.threshold]
             # Gradients vanish on their way back from the loss. Where none reached even the output
             # layer, the batch's loss gave no gradient at all (every image fitted with certainty):

@@ -128,7 +128,8 @@ def test_nothing_is_written_when_the_hook_is_off(tmp_path):
 def _hooked_trial(out_dir: Path, steps: list[str]):
     """A real smdebug hook on a two-layer net, saving losses and gradients every step; each step is
     'learn' (a random batch), 'fitted' (a batch predicted with certainty: a loss of exactly 0),
-    'dead' (the output layer zeroed: nothing flows back to the first) or 'nan' (a NaN input)."""
+    'exploded' (the same, with labels it gets wrong: a loss of about 1e6), 'dead' (the output layer
+    zeroed: nothing flows back to the first) or 'nan' (a NaN input)."""
     import smdebug.pytorch as smd
     import torch
     from torch import nn
@@ -152,6 +153,8 @@ def _hooked_trial(out_dir: Path, steps: list[str]):
         logits = model(x)  # one forward a step: the hook counts steps by them
         if kind == "fitted":  # softmax exactly one-hot on the predicted class
             logits, y = logits * 1e6, logits.detach().argmax(1)
+        if kind == "exploded":  # one-hot on a class that is not the label's
+            logits, y = logits * 1e6, (logits.detach().argmax(1) + 1) % 3
         loss = criterion(logits, y)
         model.zero_grad()
         loss.backward()
@@ -177,6 +180,9 @@ def test_vanishing_gradient_ignores_fitted_batches_and_what_follows_a_nan(tmp_pa
     # the same dead layer after a NaN step: the run had diverged, which ExplodingTensor reports
     diverged = _vanishing(_hooked_trial(tmp_path / "nan", ["learn", "nan", "dead", "learn"]))
     assert not diverged.fired and "until step 2, when the run diverged" in diverged.message, diverged
+    # and after a loss that blew up without a NaN (a diverging lr's saturated logits)
+    exploded = _vanishing(_hooked_trial(tmp_path / "exploded", ["learn", "exploded", "dead", "learn"]))
+    assert not exploded.fired and "until step 2, when the run diverged" in exploded.message, exploded
 
 
 def _history(train, valid):
