@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train_throughput import SIZES, photo_channel
+from bench.train_throughput import SIZES, data_path_rate, photo_channel
 from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
 from train import cache, data
 from train.engine import Batcher
@@ -43,24 +43,13 @@ def worker_counts(cpus: int, on_gpu: bool) -> list[int]:
     return sorted({auto, max(1, auto // 2), max(1, auto // 4)}, reverse=True)
 
 
-def epoch_rate(loader, batcher: Batcher, epoch: int) -> float:
-    loader.sampler.set_epoch(epoch)
-    images, start = 0, time.perf_counter()
-    for batch, labels in loader:
-        x, _ = batcher(batch, labels)
-        images += x.shape[0]
-    if batcher.device.type == "cuda":
-        torch.cuda.synchronize(batcher.device)
-    return images / (time.perf_counter() - start)
-
-
 def probe(channel, train_cache, source: str, workers: int, pin: bool, args, device) -> dict:
     preset = ClassificationPresetTrain(args.size, "light")
     loader = data.make_loader(channel, preset, args.batch, shuffle=True, seed=0, workers=workers,
                               pin_memory=pin, drop_last=True, cache=train_cache if source == "cached" else None)
     batcher = Batcher(device, preset.normalize, channels_last=True)
-    first = epoch_rate(loader, batcher, 0)  # workers start
-    rates = [epoch_rate(loader, batcher, e) for e in range(1, args.rounds + 1)]
+    first = data_path_rate(loader, batcher, 0)  # workers start
+    rates = [data_path_rate(loader, batcher, e) for e in range(1, args.rounds + 1)]
     start = time.perf_counter()
     del loader  # persistent workers: freeing the loader shuts them down
     gc.collect()

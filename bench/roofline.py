@@ -55,10 +55,11 @@ def matmul_rate(device: torch.device, precision: str, n: int, repeats: int) -> f
 
 
 def step_gflop(model: nn.Module, image_size: int, batch: int = 2) -> float:
-    """GFLOP per image of one training step (forward, and backward where parameters train) of
-    `model`, counted on random inputs (with no trainable parameter, the forward a server runs); the model's parameters, buffers and gradients are used, so
-    pass a model that nothing else needs. FlopCounterMode counts convolutions and matrix multiplies
-    (what the multiply's rate bounds) and skips backward work autograd skips."""
+    """GFLOP per image of one training step of `model` (forward, and backward where parameters
+    train; with none trainable, the forward a server runs), counted on random inputs. The model's
+    parameters, buffers and gradients are used, so pass a model that nothing else needs.
+    FlopCounterMode counts convolutions and matrix multiplies (what the multiply's rate bounds)
+    and skips backward work autograd skips."""
     device = next(model.parameters()).device
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     with FlopCounterMode(display=False) as counter:

@@ -167,18 +167,9 @@ class Setup:
                                       pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))
 
     def data_epoch(self, epoch: int) -> float:
-        """images/s of the data path alone: the training loader's epoch through the batcher to the
-        device (decode, crop, collate, copy, normalize), no model. Set beside the synthetic rate, it
-        tells whether a slow end to end is the data path's or their overlap's."""
-        if hasattr(self.train.sampler, "set_epoch"):
-            self.train.sampler.set_epoch(epoch)
-        images, start = 0, time.perf_counter()
-        for batch, labels in self.train:
-            x, _ = self.train_batcher(batch, labels)
-            images += x.shape[0]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return images / (time.perf_counter() - start)
+        """The data path alone (data_path_rate) of this configuration's training loader. Set beside the
+        synthetic rate, it tells whether a slow end to end is the data path's or their overlap's."""
+        return data_path_rate(self.train, self.train_batcher, epoch)
 
     def epoch(self, model, frozen, opt, epoch: int, sched=None):
         """sched: the run's schedule, stepped per batch; None holds the rate (throughput runs)."""
@@ -188,6 +179,20 @@ class Setup:
         sched = sched or finetune.warmup_cosine(opt, 10**6, 0)
         return train_one_epoch(model, self.train, self.train_batcher, nn.CrossEntropyLoss(), opt, sched, self.precision,
                                scaler, 1, lambda: finetune.set_train_mode(model, frozen))
+
+
+def data_path_rate(loader, batcher, epoch: int) -> float:
+    """images/s of one epoch of `loader` through `batcher` to the device (decode, crop, collate,
+    copy, normalize), no model."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    images, start = 0, time.perf_counter()
+    for batch, labels in loader:
+        x, _ = batcher(batch, labels)
+        images += x.shape[0]
+    if batcher.device.type == "cuda":
+        torch.cuda.synchronize(batcher.device)
+    return images / (time.perf_counter() - start)
 
 
 class InMemory:
