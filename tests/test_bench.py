@@ -235,3 +235,43 @@ print("runs", len(out["default"]["runs"]), "workers alive", len(multiprocessing.
     assert result.returncode == 0, result.stderr[-3000:]
     assert "runs 2 workers alive 0" in result.stdout, result.stdout
     assert "can only test a child process" not in result.stderr, result.stderr[-3000:]
+
+
+def test_norm_probe_quick_run(tmp_path):
+    out = tmp_path / "norm.json"
+    result = subprocess.run([sys.executable, "-m", "bench.norm_probe", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["variants"] == ["bf16 channels-last", "bf16 nchw", "fp32 nchw", "bf16 channels-last compiled"]
+    assert [r["shape"] for r in report["rows"]] == [[4, 64, 8, 8], [4, 256, 8, 8], [4, 512, 4, 4], [4, 1024, 2, 2]]
+    for r in report["rows"]:
+        assert set(r["ms"]) == {*report["variants"], "copy"} and all(ms > 0 for ms in r["ms"].values())
+        for name in report["variants"]:
+            assert len(r["rounds_ms"][name]) == report["rounds"] == 2
+            assert r["over_copy"][name] == pytest.approx(r["ms"][name] / r["ms"]["copy"])
+    assert "over a copy of the same bf16 tensor" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.norm_probe", "--quick", "--rounds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rounds takes a positive integer, got 0" in bad.stderr
+
+
+def test_norm_probe_times_a_training_pass_of_batch_norm_and_relu():
+    """Each timed call is a whole training pass: the forward and the gradients of input, weight
+    and bias, with nothing left accumulating in .grad between calls."""
+    import torch
+
+    from bench.norm_probe import bn_relu, make_inputs, step_fn
+
+    x, params, stats, grad = make_inputs((2, 8, 4, 4), torch.bfloat16, True, torch.device("cpu"))
+    assert x.is_contiguous(memory_format=torch.channels_last) and grad.is_contiguous(memory_format=torch.channels_last)
+    calls = []
+
+    def spy(*args):
+        y = bn_relu(*args)
+        y.register_hook(lambda g: calls.append(g.shape))
+        return y
+
+    step_fn(spy, x, params, stats, grad)()
+    assert calls == [x.shape] and x.grad is None and all(p.grad is None for p in params)
+    assert stats[0].abs().sum() > 0  # training-mode batch norm updated its running mean
