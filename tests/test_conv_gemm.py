@@ -41,6 +41,32 @@ def test_the_multiply_gives_the_convolution_and_its_gradients(kernel, stride, pa
         torch.testing.assert_close(gemm.bias.grad, conv.bias.grad)
 
 
+
+def _bf16_input_grad_error(forward, conv, x, x64_grad, g):
+    xi = x.clone().bfloat16().requires_grad_()
+    with BF16():
+        out = forward(conv, xi)
+    out.backward(g.to(out.dtype))
+    return ((xi.grad.double() - x64_grad).norm() / x64_grad.norm()).item()
+
+
+def test_bf16_input_gradients_are_summed_over_kernel_positions_as_widely_as_onednn_sums_them():
+    """In bf16 a 3x3 multiply's input gradient adds nine positions per pixel: added in bf16 they
+    rounded nine times and ended 1.6x as far from fp64 as oneDNN's convolution (which adds in fp32,
+    rounds once); added in fp32, 1.15x (each position's product is still rounded to bf16 first)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(conv).double()
+    x64 = x.double().requires_grad_()
+    out64 = ref(x64)
+    g = torch.randn_like(out64)
+    out64.backward(g)
+    onednn = _bf16_input_grad_error(nn.Conv2d.forward, conv, x, x64.grad, g)
+    gemm = _bf16_input_grad_error(GemmConv2d.forward, conv, x, x64.grad, g)
+    assert gemm <= 1.3 * onednn, (gemm, onednn)
+
+
 def _model():
     torch.manual_seed(1)
     model = create_model("resnet18", 3)
