@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,67 @@ def test_seed_sample_seeds_the_cpu_stream_as_torch_manual_seed_does():
     a = torch.rand(4)
     torch.manual_seed(data.sample_seed(3, 2, 7))
     assert torch.equal(a, torch.rand(4))
+
+
+class KeyLog(torch.utils.data.Dataset):
+    """Each item is its (epoch, index) key; every key read is appended to a file (read from workers too)."""
+
+    def __init__(self, size: int, log: Path):
+        self.size, self.log = size, log
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        with self.log.open("a") as f:
+            f.write(f"{key[0]} {key[1]}\n")
+        return torch.tensor(key)
+
+
+def test_run_ahead_gives_each_epoch_the_batches_a_per_epoch_loader_gives(tmp_path):
+    for drop_last in (True, False):
+        sampler = data.EpochSampler(10, seed=3, shuffle=True)
+        plain = data.loader(KeyLog(10, tmp_path / "a"), sampler, 4, workers=0, drop_last=drop_last)
+        ahead = data.loader(KeyLog(10, tmp_path / "b"), data.EpochSampler(10, 3, True), 4, workers=1,
+                            drop_last=drop_last, run_ahead=True)
+        assert len(ahead) == len(plain) == (2 if drop_last else 3)
+        for epoch in (0, 1, 2, 5, 6):  # 5: a jump, as a resumed run's first epoch
+            expected = [b.tolist() for b in data.epoch_batches(plain, epoch)]
+            assert [b.tolist() for b in data.epoch_batches(ahead, epoch)] == expected
+            assert {k[0] for b in expected for k in b} == {epoch}
+        ahead.close()
+
+
+def test_run_ahead_workers_start_the_next_epoch_before_it_is_asked_for(tmp_path):
+    log = tmp_path / "keys"
+    ahead = data.loader(KeyLog(6, log), data.EpochSampler(6, 0, True), 2, workers=1, run_ahead=True)
+    first = list(ahead.epoch(0))
+    deadline = time.monotonic() + 30
+    while not any(line.startswith("1 ") for line in log.read_text().splitlines()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(line.startswith("1 ") for line in log.read_text().splitlines()), "no key of epoch 1 was read ahead"
+    iterator = ahead._batches
+    assert [b.tolist() for b in ahead.epoch(1)] and ahead._batches is iterator  # the same workers went on
+    list(ahead.epoch(1))  # not the next epoch: a new iterator
+    assert ahead._batches is not iterator
+    unfinished = ahead.epoch(2)
+    next(unfinished)  # an epoch left unfinished is not continued from its middle
+    iterator = ahead._batches
+    assert [b[:, 0].tolist() for b in ahead.epoch(3)] == [[3, 3]] * 3 and ahead._batches is not iterator
+    assert len(first) == 3
+    ahead.close()
+
+
+def test_an_epoch_without_a_batch_yields_nothing_and_does_not_hang():
+    ahead = data.loader(KeyLog(3, Path("/dev/null")), data.EpochSampler(3, 0, True), 4, workers=0, drop_last=True,
+                        run_ahead=True)
+    assert len(ahead) == 0 and list(ahead.epoch(0)) == [] and list(ahead.epoch(1)) == []
+
+
+def test_pinning_modes_and_their_errors():
+    assert data.pinning("thread", True) == (True, False)
+    assert data.pinning("main", True) == (False, True)
+    assert data.pinning("off", True) == (False, False)
+    assert all(data.pinning(mode, False) == (False, False) for mode in data.PINNINGS)  # nothing pins off a GPU
+    with pytest.raises(ValueError, match="thread, main, off"):
+        data.pinning("both", True)

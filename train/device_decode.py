@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from imgcls.images import open_image
 
-from .data import Channel, EpochSampler, seed_sample
+from .data import Channel, EpochSampler, loader, seed_sample
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -64,12 +64,10 @@ def collate(items) -> tuple[EncodedBatch, torch.Tensor]:
 
 
 def make_loader(channel: Channel, batch_size: int, *, shuffle: bool, seed: int, workers: int, drop_last: bool = False,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
+                rank: int = 0, world_size: int = 1, run_ahead: bool = False):
     """The loader of encoded batches: the same sampler (order, sharding, padding) as train.data's."""
-    return DataLoader(EncodedImages(channel.samples), batch_size=batch_size,
-                      sampler=EpochSampler(len(channel.samples), seed, shuffle, rank, world_size),
-                      num_workers=workers, collate_fn=collate, drop_last=drop_last,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return loader(EncodedImages(channel.samples), EpochSampler(len(channel.samples), seed, shuffle, rank, world_size),
+                  batch_size, workers=workers, drop_last=drop_last, collate_fn=collate, run_ahead=run_ahead)
 
 
 class DeviceDecoder:

@@ -236,24 +236,26 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         auto_workers(job.num_cpus, rank.local_world_size, on_gpu, cached="train" in caches)
     per_rank = len(data.EpochSampler(n_train, cfg.seed, True, rank.rank, rank.world_size))
     drop_last = per_rank % cfg.batch_size == 1  # a batch of one breaks BatchNorm
-    batcher = Batcher(device, train_preset.normalize, cfg.channels_last)
+    loader_pins, batcher_pins = data.pinning(data.GPU_PINNING, on_gpu)
+    batcher = Batcher(device, train_preset.normalize, cfg.channels_last, pin=batcher_pins)
     if cfg.gpu_decode and "train" not in caches:
         log.info("gpu-decode: training JPEGs decode a batch at a time on %s (nvJPEG on a GPU)%s", device,
                  "" if on_gpu else "; on a CPU this only moves decoding from the workers to the training process")
         train_loader = device_decode.make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                                  workers=workers, drop_last=drop_last, rank=rank.rank,
-                                                 world_size=rank.world_size)
+                                                 world_size=rank.world_size, run_ahead=True)
         train_batcher = device_decode.DeviceDecoder(device, train_preset, cfg.seed, cfg.channels_last)
     else:
         if cfg.gpu_decode:
             log.info("gpu-decode: off, the training images are already decoded in memory (cache-images)")
         train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                        workers=workers, pin_memory=on_gpu, rank=rank.rank, world_size=rank.world_size,
-                                        drop_last=drop_last, cache=caches.get("train"))
+                                        workers=workers, pin_memory=loader_pins, rank=rank.rank,
+                                        world_size=rank.world_size, drop_last=drop_last, cache=caches.get("train"),
+                                        run_ahead=True)
         train_batcher = batcher
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
-                                             shuffle=False, seed=cfg.seed, workers=workers, pin_memory=on_gpu,
+                                             shuffle=False, seed=cfg.seed, workers=workers, pin_memory=loader_pins,
                                              rank=rank.rank, world_size=rank.world_size, cache=caches.get(c.name))
                     for c in (splits.valid, splits.test) if c is not None}
     per_process = (f" per process x {rank.world_size} processes = global batch {cfg.batch_size * rank.world_size}"
@@ -310,12 +312,11 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                 "arch": cfg.arch, "image_size": cfg.image_size, "precision": precision.name}
     with profiling.Profiler(profile_dir, profile_settings, device, run_info) as profiler:
         for epoch in range(start_epoch, cfg.epochs):
-            train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             progress = Progress(len(train_loader.sampler), f"epoch {epoch + 1}/{cfg.epochs}", enabled=rank.is_main)
             debugger.train_mode()
-            tr = train_one_epoch(run_model, train_loader, train_batcher, criterion, optimizer, scheduler, precision, scaler,
-                                 top_k, set_mode, progress, reduce=rank.reduce,
+            tr = train_one_epoch(run_model, data.epoch_batches(train_loader, epoch), train_batcher, criterion,
+                                 optimizer, scheduler, precision, scaler, top_k, set_mode, progress, reduce=rank.reduce,
                                  on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
             progress.close()
             debugger.eval_mode()
@@ -346,6 +347,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                          cfg.patience, best["loss"], best["epoch"])
                 break
     debugger.close()
+    train_loader.close()  # its workers would go on into an epoch that will not run
     conv_gemm.restore(model)  # what is evaluated, exported and quantized from here is the plain model
     frozen_trunk.detach(model)
 
