@@ -16,6 +16,9 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
   uncached    default without decode-once: every epoch decodes the JPEGs in the workers
   gpu-decode  default without decode-once, JPEGs decoded a batch at a time on the device
               (gpu-decode=true); both on GPUs (and gpu-decode in --quick, to keep its path working)
+  pin-thread, pin-main, pin-off   on GPUs, default with the batches pinned elsewhere than a job pins
+              them (train.data.GPU_PINNING): in the data loader's pin_memory thread, in the training
+              thread, or not at all
 Measurements per (arch, freeze, config):
   synthetic   the training step on uint8 tensors already in memory (the model's own ceiling)
   end-to-end  train_one_epoch over 500x375 photo-like JPEG files, after a first epoch (workers warm)
@@ -40,6 +43,7 @@ valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/tra
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import math
@@ -71,7 +75,10 @@ from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
 PARTS = ("throughput", "accuracy", "frozen-accuracy")
-CACHED = ("default", "compiled", "int8-trunk")  # the configurations that decode once, as a job does
+PIN_CONFIGS = {f"pin-{mode}": mode for mode in data.PINNINGS}
+CACHED = ("default", "compiled", "int8-trunk", *PIN_CONFIGS)  # the configurations that decode once, as a job does
+CONFIGS = ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "uncached", "gpu-decode", *PIN_CONFIGS)
+FREEZES = {"frozen": "backbone", "full": "none"}
 GPU_TARGET, GPU_WAIT = 0.90, 0.05
 PHOTO_CHUNK = 256
 # image size, batch, steps per epoch, rounds. On a GPU a 32-image step of 128 px is over before the
@@ -152,47 +159,51 @@ class Setup:
             train_size, _ = cache.plan("true", train_paths, sum(map(len, evals.values())), eval_preset)
             caches = cache.decode_splits(train_paths, evals, eval_preset, os.cpu_count() or 1, train_size)
         self.cache_seconds = sum(c.seconds for c in caches.values())
-        self.batcher = Batcher(device, preset.normalize, self.channels_last)
+        loader_pins, batcher_pins = data.pinning(PIN_CONFIGS.get(config, data.GPU_PINNING), device.type == "cuda")
+        self.batcher = Batcher(device, preset.normalize, self.channels_last, pin=batcher_pins)
         self.train_batcher = self.batcher
         self.calibration = lambda: calibration_batches(train_ch, eval_preset, self.batcher, 2 * batch, seed, workers)
         self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
-                                      seed=seed, workers=workers, pin_memory=device.type == "cuda",
+                                      seed=seed, workers=workers, pin_memory=loader_pins,
                                       cache=caches.get("valid")) if valid_ch else None
         if config == "gpu-decode":
             self.train = device_decode.make_loader(train_ch, batch, shuffle=True, seed=seed, workers=workers,
-                                                   drop_last=True)
+                                                   drop_last=True, run_ahead=True)
             self.train_batcher = device_decode.DeviceDecoder(device, preset, seed, self.channels_last)
             return
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
-                                      pin_memory=device.type == "cuda", drop_last=True, cache=caches.get("train"))
+                                      pin_memory=loader_pins, drop_last=True, cache=caches.get("train"),
+                                      run_ahead=True)
 
     def data_epoch(self, epoch: int) -> float:
         """The data path alone (data_path_rate) of this configuration's training loader. Set beside the
         synthetic rate, it tells whether a slow end to end is the data path's or their overlap's."""
-        return data_path_rate(self.train, self.train_batcher, epoch)
+        return data_path_rate(self.train, self.train_batcher, epoch)[0]
 
     def epoch(self, model, frozen, opt, epoch: int, sched=None):
         """sched: the run's schedule, stepped per batch; None holds the rate (throughput runs)."""
-        if hasattr(self.train.sampler, "set_epoch"):
-            self.train.sampler.set_epoch(epoch)
         scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
         sched = sched or finetune.warmup_cosine(opt, 10**6, 0)
-        return train_one_epoch(model, self.train, self.train_batcher, nn.CrossEntropyLoss(), opt, sched, self.precision,
-                               scaler, 1, lambda: finetune.set_train_mode(model, frozen))
+        waits = []
+        result = train_one_epoch(model, data.epoch_batches(self.train, epoch), self.train_batcher,
+                                 nn.CrossEntropyLoss(), opt, sched, self.precision, scaler, 1, lambda: finetune.set_train_mode(model, frozen),
+                                 on_step=lambda step, waited, *_: waits.append(waited) if step == 0 else None)
+        # the wait for an epoch's first batch: the loader starting over, not keeping up
+        self.first_wait = waits[0] / result.seconds if waits and result.seconds else 0.0
+        return result
 
 
-def data_path_rate(loader, batcher, epoch: int) -> float:
-    """images/s of one epoch of `loader` through `batcher` to the device (decode, crop, collate,
-    copy, normalize), no model."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    images, start = 0, time.perf_counter()
-    for batch, labels in loader:
+def data_path_rate(loader, batcher, epoch: int) -> tuple[float, float]:
+    """(images/s of one epoch of `loader` through `batcher` to the device (decode, crop, collate,
+    copy, normalize), no model; seconds to its first batch)."""
+    images, first, start = 0, None, time.perf_counter()
+    for batch, labels in data.epoch_batches(loader, epoch):
+        first = first or time.perf_counter() - start
         x, _ = batcher(batch, labels)
         images += x.shape[0]
     if batcher.device.type == "cuda":
         torch.cuda.synchronize(batcher.device)
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), first or 0.0
 
 
 class InMemory:
@@ -214,6 +225,16 @@ class InMemory:
 def fast(config: str) -> bool:
     """Every configuration but the fp32 ones: channels-last, autocast."""
     return config not in ("naive", "fp32-nchw")
+
+
+def choices(p, name: str, given: str | None, allowed, default) -> list:
+    """A comma-separated option's names, each one of `allowed`; `default` when it is not given."""
+    if given is None:
+        return list(default)
+    picked = [x.strip() for x in given.split(",") if x.strip()]
+    if not picked or set(picked) - set(allowed):
+        p.error(f"--{name} takes some of {', '.join(allowed)}, comma-separated, got {given!r}")
+    return picked
 
 
 def release_loaders() -> None:
@@ -246,7 +267,7 @@ def photo_channel(root: Path, count: int, classes: int) -> data.Channel:
         folder = root / "train" / f"class_{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:05d}.jpg").write_bytes(jpeg)
-    return data.scan_channel("train", root / "train", workers=2)
+    return data.scan_channel("train", root / "train", workers=os.cpu_count() or 1)
 
 
 def throughput(args, device, workers, work: Path) -> list[dict]:
@@ -254,24 +275,28 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
     channel = photo_channel(work / "photos", args.batch * args.steps, classes)
     rows = []
     for arch in args.archs.split(","):
-        for freeze in ("backbone", "none"):
+        for freeze in args.freeze:
             configs = ("naive", "fp32-nchw", "default") + (("compiled",) if arch in args.compile_archs else ())
             if freeze == "backbone" and device.type == "cpu" and quantize.available():
                 configs += ("int8-trunk",)
             if device.type == "cuda":
                 configs += ("uncached", "gpu-decode")
+                configs += tuple(c for c, mode in PIN_CONFIGS.items() if mode != data.GPU_PINNING)
             elif args.quick:
                 configs += ("gpu-decode",)
+            if args.configs:
+                configs = tuple(c for c in configs if c in args.configs)
             rows += measure(args, device, workers, channel, classes, arch, freeze, configs)
             release_loaders()
     for r in rows:
-        naive = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"] and b["config"] == "naive")
-        r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"]
+        naive = next((b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
+                      and b["config"] == "naive"), None)  # None: --configs left it out
+        r["vs_naive"] = r["end_to_end_img_s"] / naive["end_to_end_img_s"] if naive else None
         # the most any configuration in this precision could reach against naive (bench.roofline)
-        r["most_vs_naive"] = r["most_img_s"] / naive["end_to_end_img_s"] if r["most_img_s"] else None
-        if r["config"] == "compiled":
-            default = next(b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
-                           and b["config"] == "default")
+        r["most_vs_naive"] = r["most_img_s"] / naive["end_to_end_img_s"] if naive and r["most_img_s"] else None
+        default = next((b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
+                        and b["config"] == "default"), None)
+        if r["config"] == "compiled" and default:
             r["compile_s"] = r["first_epoch_s"] - default["first_epoch_s"]
             r["vs_default"] = r["end_to_end_img_s"] / default["end_to_end_img_s"]
     return rows
@@ -290,12 +315,14 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         run_model = torch.compile(model) if config == "compiled" else model
         first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
         runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
-                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "data": [], "synthetic": []}
+                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "first_wait": [], "data": [],
+                        "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
     # int8-trunk has its own: its frozen trunk is another function.
     ceiling = {c: {"naive": "fp32-nchw", "fp32-nchw": "fp32-nchw", "int8-trunk": "int8-trunk"}.get(c, "default")
                for c in configs}
+    ceiling = {c: m if m in runs else c for c, m in ceiling.items()}  # --configs left that model out
     ceilings = sorted(set(ceiling.values()))
 
     def synthetic(c: str, steps: int) -> float:
@@ -313,11 +340,13 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     for epoch in range(1, args.rounds + 1):
         for config in configs:
             r = runs[config]
-            e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], epoch)
+            # a job's epochs, one after the other: the end-to-end one, then the data path's
+            e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], 2 * epoch - 1)
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)
+            r["first_wait"].append(r["setup"].first_wait)
             if config != "naive":  # its data path is the PIL one in the training process: no question there
-                r["data"].append(r["setup"].data_epoch(epoch))
+                r["data"].append(r["setup"].data_epoch(2 * epoch))
         for c in ceilings:
             runs[c]["synthetic"].append(synthetic(c, args.steps))
         for p in precisions:
@@ -338,15 +367,20 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "e2e_over_synthetic": e2e / ceiling_rate,
                      "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
                      "data_img_s": statistics.median(r["data"]) if r["data"] else None, "data_rounds": r["data"],
-                     "data_wait": statistics.median(r["wait"]), "decode_once_s": r["setup"].cache_seconds,
+                     "data_wait": statistics.median(r["wait"]), "first_batch_wait": statistics.median(r["first_wait"]),
+                     "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
                      "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())), "int8_trunk": int8,
                      "model_gflop_per_image": gflop, "model_gflop_s": flops,
                      "matmul_gflop_s": rate, "matmul_rounds": None if int8 else matmul[precision],
                      "of_matmul": None if int8 else flops / rate,
                      "most_img_s": None if int8 else rate / gflop})
+        # all of a row that a run stopped before its table still needs (GPU runs have ended so)
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
-              f"({', '.join(f'{x:.1f}' for x in r['e2e'])})", flush=True)
+              f"({', '.join(f'{x:.1f}' for x in r['e2e'])}), synthetic {ceiling_rate:.1f} "
+              f"({', '.join(f'{x:.1f}' for x in runs[ceiling[config]]['synthetic'])}), e2e/syn "
+              f"{e2e / ceiling_rate:.2f}, data wait {rows[-1]['data_wait']:.1%} (first batch "
+              f"{rows[-1]['first_batch_wait']:.1%})", flush=True)
     return rows
 
 
@@ -450,6 +484,8 @@ def targets(rows: list[dict], accs: list[dict], on_gpu: bool = False) -> list[di
         name = f"{r['arch']} {r['freeze']}" + (" int8-trunk" if r["config"] == "int8-trunk" else "")
         e2e, met = r["e2e_over_synthetic"], r["e2e_over_synthetic"] >= E2E_TARGET
         found.append(_target(f"{name}: end-to-end >= {E2E_TARGET} x synthetic", e2e, met, _ratio(e2e, met, E2E_TARGET)))
+        if r["vs_naive"] is None:
+            continue
         most = (f" (at most {r['most_vs_naive']:.2f} at this device's {r['precision']} multiply rate)"
                 if r["most_vs_naive"] else "")
         met = r["vs_naive"] >= NAIVE_TARGET
@@ -487,7 +523,23 @@ def main() -> None:
     for name, i in (("size", 0), ("batch", 1), ("steps", 2), ("rounds", 3)):
         p.add_argument(f"--{name}", type=int, help=f"throughput {name} (default: " + ", ".join(
             f"{v[i]} {k}" for k, v in SIZES.items()) + ")")
+    p.add_argument("--freeze", default="frozen,full",
+                   help="throughput: frozen backbone, full fine-tuning, or both (frozen,full)")
+    p.add_argument("--configs", help="throughput: only those of these configurations, comma-separated, that run "
+                                     f"on this device (default: all of them; the names: {', '.join(CONFIGS)})")
+    p.add_argument("--stacks", type=float, metavar="SECONDS",
+                   help="write every thread's Python stack to stderr every SECONDS (where a run that outlives its "
+                        "work waits: two GPU runs have, after their last row)")
     args = p.parse_args()
+    if args.stacks is not None:
+        if args.stacks <= 0:
+            p.error(f"--stacks takes a positive number of seconds, got {args.stacks:g}")
+        faulthandler.dump_traceback_later(args.stacks, repeat=True)
+    freezes = [x.strip() for x in args.freeze.split(",") if x.strip()]
+    if not freezes or set(freezes) - set(FREEZES):
+        p.error(f"--freeze takes frozen, full or both, got {args.freeze!r}")
+    args.freeze = [FREEZES[x] for x in dict.fromkeys(freezes)]
+    args.configs = choices(p, "configs", args.configs, CONFIGS, [])
     args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not args.parts or args.parts - set(PARTS):
         p.error(f"--parts takes some of {', '.join(PARTS)}, got {','.join(sorted(args.parts)) or 'nothing'}")
@@ -512,7 +564,7 @@ def main() -> None:
     # As a job picks them (num-workers=auto): none for naive, fewer where the images are decoded once.
     cpus, on_gpu = os.cpu_count() or 1, device.type == "cuda"
     workers = {c: 0 if c == "naive" else auto_workers(cpus, 1, on_gpu, cached=c in CACHED)
-               for c in ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "uncached", "gpu-decode")}
+               for c in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         rows = throughput(args, device, workers, Path(tmp)) if "throughput" in args.parts else []
         acc = accuracy(args, device, workers, Path(tmp)) if "accuracy" in args.parts else None
@@ -553,7 +605,7 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
     print("model GFLOP per training image: " + ", ".join(sorted({
         f"{r['arch']} {r['freeze']} {r['model_gflop_per_image']:.2f}" for r in rows})))
     header = f"{'arch':<10}{'mode':<8}{'config':<11}{'prec':<10}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
-             f"{'data':>9}{'vs naive':>10}{'wait':>7}{'GFLOP/s':>9}{'of mm':>7}"
+             f"{'data':>9}{'vs naive':>10}{'wait':>7}{'1st':>6}{'GFLOP/s':>9}{'of mm':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -562,10 +614,11 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
         # the int8 trunk runs int8 under the step's autocast; the rest of the model in r["precision"]
         precision = f"int8/{r['precision']}" if r["int8_trunk"] else r["precision"]
         data = f"{r['data_img_s']:.1f}" if r["data_img_s"] else "-"
+        vs_naive = f"{r['vs_naive']:.2f}" if r["vs_naive"] else "-"
         share = f"{r['of_matmul']:.2f}" if r["of_matmul"] else "-"  # of the multiply rate (bench.roofline)
         print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{precision:<10}{r['synthetic_img_s']:>11.1f}"
-              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{data:>9}{r['vs_naive']:>10.2f}"
-              f"{r['data_wait']:>7.2f}{r['model_gflop_s']:>9.0f}{share:>7}{compiled}")
+              f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{data:>9}{vs_naive:>10}"
+              f"{r['data_wait']:>7.2f}{r['first_batch_wait']:>6.2f}{r['model_gflop_s']:>9.0f}{share:>7}{compiled}")
 
 
 def print_accuracy(acc: dict) -> None:

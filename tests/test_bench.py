@@ -118,20 +118,33 @@ def test_training_benchmark_runs_one_part(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--batch", "1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--batch takes a positive integer of at least 2, got 1" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--freeze", "half"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--freeze takes frozen, full or both, got 'half'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--configs", "default,fast"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--configs takes some of naive, fp32-nchw, default" in bad.stderr
 
 
 def test_training_benchmark_sizes_can_be_set(tmp_path):
-    """--size/--batch/--steps/--rounds override the sizes (a GPU run's 224 px, batch 128 by default)."""
+    """--size/--batch/--steps/--rounds override the sizes (a GPU run's 224 px, batch 128 by default);
+    --freeze and --configs pick the rows."""
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--quick", "--parts", "throughput",
                              "--archs", "resnet18", "--compile-archs", "", "--size", "40", "--batch", "3",
-                             "--steps", "3", "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+                             "--steps", "3", "--rounds", "1", "--freeze", "full", "--configs", "default,naive",
+                             "--stacks", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert (report["image_size"], report["batch_size"], report["steps"], report["rounds"]) == (40, 3, 3, 1)
-    assert all(len(r["end_to_end_rounds"]) == 1 for r in report["rows"])
+    assert [(r["freeze"], r["config"]) for r in report["rows"]] == [("full", "naive"), ("full", "default")]
+    for r in report["rows"]:
+        assert len(r["end_to_end_rounds"]) == 1 and 0 <= r["first_batch_wait"] <= r["data_wait"] <= 1
+        # each row in full as soon as it is measured: a run stopped before its table keeps it
+        assert (f"measured resnet18 full {r['config']}: {r['end_to_end_img_s']:.1f} img/s end to end "
+                f"({r['end_to_end_img_s']:.1f}), synthetic {r['synthetic_img_s']:.1f}") in result.stdout
     assert "cropped to 40px, batch 3, 3 steps, median of 1 rounds" in result.stdout
+    assert "Timeout (0:00:01)!" in result.stderr and "in measure" in result.stderr  # --stacks: where it was
 
 
 def test_serving_benchmark_quick_run(tmp_path):
@@ -198,15 +211,20 @@ def test_loader_probe_quick_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert [(r["source"], r["workers"], r["pin_memory"]) for r in rows] == [
-        (s, w, p) for s in ("cached", "uncached") for w in (2, 1) for p in (True, False)]
+    assert [(r["source"], r["workers"], r["pinning"]) for r in rows] == [
+        (s, w, p) for s in ("cached", "uncached") for w in (2, 1) for p in ("thread", "main", "off")]
     for r in rows:
         assert r["img_s"] > 0 and r["first_epoch_img_s"] > 0 and r["shutdown_s"] >= 0
+        assert 0 < r["first_batch_s"] < len(r["rounds"]) * report["steps"] * report["batch_size"] / r["img_s"]
         assert len(r["rounds"]) == report["rounds"] == 2 and r["img_s"] == pytest.approx(statistics.median(r["rounds"]))
     assert "shutdown s" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "bench.loader_probe", "--quick", "--workers", "4,0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--workers takes positive integers separated by commas, got '4,0'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "bench.loader_probe", "--quick", "--pinnings", "main,both"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--pinnings takes some of thread, main, off, comma-separated, got 'main,both'" \
+        in bad.stderr
 
 
 def test_loader_probe_tries_the_auto_worker_count_and_fewer():
