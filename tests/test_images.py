@@ -89,3 +89,36 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_result():
     assert ClassificationPresetEval.from_dict(preset.to_dict()).decode_size == 512
     legacy = {k: v for k, v in preset.to_dict().items() if k != "decode_size"}  # artifacts before decode_size
     assert ClassificationPresetEval.from_dict(legacy).decode_size is None
+
+
+@pytest.mark.parametrize("augment", ["light", "medium", "heavy"])
+def test_train_preset_gives_what_its_transforms_give_for_the_same_draws(augment):
+    """The preset's own crop-and-flip path: same output, layout and generator draws as its v2 Compose,
+    for planar and interleaved (cached) memory, PIL input, and images too small or too narrow for any
+    random box (the central fallback)."""
+    import torch
+
+    from imgcls.presets import ClassificationPresetTrain
+    from train.cache import interleaved
+
+    preset = ClassificationPresetTrain(32, augment)
+    g = torch.Generator().manual_seed(1)
+    planar = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in ((75, 100), (100, 60), (33, 32), (8, 120), (300, 9))]
+    images = planar + [interleaved(x) for x in planar]
+    images.append(Image.fromarray(planar[0].permute(1, 2, 0).numpy()))
+    flipped = cropped = 0
+    for image in images:
+        for seed in range(12):
+            torch.manual_seed(seed)
+            fast, after_fast = preset(image), torch.rand(1)
+            torch.manual_seed(seed)
+            tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            slow, after_slow = preset.transforms(tensor), torch.rand(1)
+            assert fast.shape == (3, 32, 32) and torch.equal(fast, slow) and fast.stride() == slow.stride()
+            assert torch.equal(after_fast, after_slow)  # as many draws: the next sample's are the same too
+            torch.manual_seed(seed)
+            box = preset._crop.make_params([tensor])
+            flipped += torch.rand(1).item() < 0.5
+            cropped += (box["height"], box["width"]) != tuple(tensor.shape[-2:])
+    assert 0 < flipped < len(images) * 12 and cropped > 0  # both branches ran
