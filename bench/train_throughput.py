@@ -67,17 +67,18 @@ from bench.images import photo_like_jpegs
 from imgcls import quantize
 from imgcls.models import create_model
 from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
-from train import cache, data, device_decode, finetune, frozen_trunk
+from train import cache, data, device_decode, finetune, frozen_trunk, fused_norm
 from train.engine import Batcher, choose_precision, evaluate, train_one_epoch
 from train.hyperparams import Config
-from train.job import auto_workers, calibration_batches, gemm_convs, trace_trunk
+from train.job import auto_workers, calibration_batches, fuse_norms, gemm_convs, trace_trunk
 from train.synthetic import make_dataset
 
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
 PARTS = ("throughput", "accuracy", "frozen-accuracy")
 PIN_CONFIGS = {f"pin-{mode}": mode for mode in data.PINNINGS}
-CACHED = ("default", "compiled", "int8-trunk", *PIN_CONFIGS)  # the configurations that decode once, as a job does
-CONFIGS = ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "uncached", "gpu-decode", *PIN_CONFIGS)
+CACHED = ("default", "compiled", "int8-trunk", "aten-norm", *PIN_CONFIGS)  # the configurations that decode once, as a job does
+CONFIGS = ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "aten-norm", "uncached", "gpu-decode",
+           *PIN_CONFIGS)
 FREEZES = {"frozen": "backbone", "full": "none"}
 GPU_TARGET, GPU_WAIT = 0.90, 0.05
 PHOTO_CHUNK = 256
@@ -100,15 +101,18 @@ def build(arch, classes, freeze, channels_last, device, seed=0, backbone=None):
 
 
 def job_convs(setup: Setup, model, batch: int, size: int) -> list[str]:
-    """frozen-trunk and conv-gemm as a job sets them (auto; both off with compile=true) for the fast
-    configurations; returns the convolutions conv-gemm swapped."""
+    """frozen-trunk, conv-gemm and fused-norm as a job sets them (auto; all off with compile=true) for the
+    fast configurations (aten-norm: fused-norm=false); returns the convolutions conv-gemm swapped."""
     config, device, precision = setup.config, setup.device, setup.precision
     if not fast(config):
         return []
     cfg = Config(batch_size=batch, image_size=size, compile=config == "compiled",
-                 frozen_trunk="int8" if config == "int8-trunk" else "auto")
+                 frozen_trunk="int8" if config == "int8-trunk" else "auto",
+                 fused_norm="false" if config == "aten-norm" else "auto")
     trace_trunk(cfg, model, device, precision, None, setup.calibration)
-    return gemm_convs(cfg, model, device, precision)
+    swapped = gemm_convs(cfg, model, device, precision)
+    fuse_norms(cfg, model, device, precision, None)
+    return swapped
 
 
 def already_normalized(images, dtype=torch.float32, channels_last=False):
@@ -222,6 +226,12 @@ class InMemory:
         return self.steps
 
 
+def setup_fuses(device) -> bool:
+    """Whether the default fuses batch norm here (train.fused_norm): bf16 on a CPU with a compiler."""
+    precision = choose_precision("auto", device)
+    return fused_norm.why_not("auto", device, precision.name, True, False, None) is None
+
+
 def fast(config: str) -> bool:
     """Every configuration but the fp32 ones: channels-last, autocast."""
     return config not in ("naive", "fp32-nchw")
@@ -279,6 +289,8 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
             configs = ("naive", "fp32-nchw", "default") + (("compiled",) if arch in args.compile_archs else ())
             if freeze == "backbone" and device.type == "cpu" and quantize.available():
                 configs += ("int8-trunk",)
+            if freeze == "none" and setup_fuses(device):  # what fused-norm gains, side by side
+                configs += ("aten-norm",)
             if device.type == "cuda":
                 configs += ("uncached", "gpu-decode")
                 configs += tuple(c for c, mode in PIN_CONFIGS.items() if mode != data.GPU_PINNING)
@@ -298,6 +310,7 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
                         and b["config"] == "default"), None)
         if r["config"] == "compiled" and default:
             r["compile_s"] = r["first_epoch_s"] - default["first_epoch_s"]
+        if r["config"] in ("compiled", "aten-norm") and default:
             r["vs_default"] = r["end_to_end_img_s"] / default["end_to_end_img_s"]
     return rows
 
@@ -319,9 +332,9 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                         "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
-    # int8-trunk has its own: its frozen trunk is another function.
-    ceiling = {c: {"naive": "fp32-nchw", "fp32-nchw": "fp32-nchw", "int8-trunk": "int8-trunk"}.get(c, "default")
-               for c in configs}
+    # int8-trunk and aten-norm have their own: their kernels differ.
+    own = {"naive": "fp32-nchw", "fp32-nchw": "fp32-nchw", "int8-trunk": "int8-trunk", "aten-norm": "aten-norm"}
+    ceiling = {c: own.get(c, "default") for c in configs}
     ceiling = {c: m if m in runs else c for c, m in ceiling.items()}  # --configs left that model out
     ceilings = sorted(set(ceiling.values()))
 
@@ -610,7 +623,8 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
     print("-" * len(header))
     for r in rows:
         compiled = (f"   ({r['vs_default']:.2f}x default after {r['compile_s']:.0f} s compiling)"
-                    if r["config"] == "compiled" else "")
+                    if r["config"] == "compiled" else
+                    f"   ({r['vs_default']:.2f}x default)" if r.get("vs_default") else "")
         # the int8 trunk runs int8 under the step's autocast; the rest of the model in r["precision"]
         precision = f"int8/{r['precision']}" if r["int8_trunk"] else r["precision"]
         data = f"{r['data_img_s']:.1f}" if r["data_img_s"] else "-"

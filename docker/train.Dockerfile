@@ -28,14 +28,15 @@ RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} --index-url "$TORCH_INDEX_URL" \
 # --- end of the shared part ----------------------------------------------------------------------
 
 # Dependencies before code: a code change rebuilds only the last layers. smdebug needs
-# pyinstrument-cext, published as source only: a compiler is installed for it and removed again.
+# pyinstrument-cext, published as source only: python3-dev is installed for it and removed again.
+# gcc stays: on a CPU instance the job compiles its batch-norm kernel for that CPU (train/fused_norm.py).
 # README.md (pyproject's readme) comes with the code: a doc edit must not reinstall every dependency.
 COPY pyproject.toml /opt/imgcls/
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
  && cd /opt/imgcls && mkdir -p imgcls train serve && touch README.md imgcls/__init__.py train/__init__.py serve/__init__.py \
  && pip install ${PIP_CERT:+--cert "$PIP_CERT"} -c constraints.txt 'setuptools<81' '.[train]' \
  && pip uninstall -y sagemaker-image-classifier && rm -rf README.md imgcls train serve build *.egg-info \
- && apt-get purge -y --auto-remove gcc libc6-dev python3-dev && rm -rf /var/lib/apt/lists/*
+ && apt-mark manual gcc libc6-dev && apt-get purge -y --auto-remove python3-dev && rm -rf /var/lib/apt/lists/*
 
 ENV TORCH_HOME=/opt/torch
 ARG PRETRAINED_ARCHS="resnet18 resnet50"

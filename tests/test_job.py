@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from imgcls import artifact
+from imgcls.hardware import fast_bf16
 from imgcls.presets import ClassificationPresetEval
 from tests.test_data import bad_files
-from train import metrics
+from train import fused_norm, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,10 @@ def test_end_to_end_run_artifacts_and_metric_regexes(tiny_data):
     assert "Reporting training SUCCESS" in log
     assert "training without SageMaker Debugger" in log
     assert "conv-gemm=true: 20 of 20 convolutions run as one matrix multiply" in log  # the fixture's setting
+    if fast_bf16(torch.device("cpu")) and fused_norm.library() is not None:
+        assert "fused-norm=auto: 20 batch norms train with the ReLU and residual add after them in one kernel" in log
+    else:
+        assert "fused-norm=auto: ATen's batch norm (" in log
     assert not job.failure.exists()
 
     # The exported definitions, applied to the real log, find one value per epoch and the test line.

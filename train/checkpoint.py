@@ -24,7 +24,7 @@ FILENAME = "checkpoint.pt"
 # processes-per-host (with the instance count) sets the world size: a job resumes with any.
 RESUMABLE_CHANGES = {"epochs", "patience", "num-workers", "eval-batch-size", "profile-interval-ms", "profile-steps",
                      "cache-images", "compile", "gpu-decode", "processes-per-host", "int8",
-                     "conv-gemm", "frozen-trunk"}  # kernels only: checkpoints from before them resume too
+                     "conv-gemm", "frozen-trunk", "fused-norm"}  # kernels only: checkpoints from before them resume too
 
 
 class CheckpointError(ClassifierError):

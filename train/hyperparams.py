@@ -54,6 +54,7 @@ class Config:
     cache_images: str = "auto"       # decode each image once and keep it in memory as uint8 (train.cache)
     compile: bool = False            # torch.compile the training model (inductor); see train.job.compiled
     conv_gemm: str = "auto"          # convolutions as one matrix multiply where timed faster on a CPU (train.conv_gemm)
+    fused_norm: str = "auto"         # batch norm + ReLU + residual add as one CPU kernel each way (train.fused_norm)
     frozen_trunk: str = "auto"       # a frozen ResNet trunk as one frozen trace (int8 on a CPU; train.frozen_trunk)
     gpu_decode: bool = False         # decode training JPEGs a batch at a time on the device (train.device_decode)
     int8: bool = True                # also write an int8 model for CPU servers (train.int8)
@@ -152,6 +153,7 @@ PARSERS = {
     "num_workers": _workers, "precision": _choice(PRECISIONS), "channels_last": _bool,
     "cache_images": _choice(("auto", "true", "false")), "compile": _bool, "gpu_decode": _bool,
     "conv_gemm": _choice(("auto", "true", "false")),
+    "fused_norm": _choice(("auto", "false")),
     "frozen_trunk": _choice(("auto", "true", "false", "int8")),
     "int8": _bool,
     "processes_per_host": _processes,

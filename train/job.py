@@ -31,6 +31,7 @@ from . import (
     distributed,
     finetune,
     frozen_trunk,
+    fused_norm,
     hyperparams,
     int8,
     metrics,
@@ -201,6 +202,24 @@ def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, 
     return chosen["swapped"]
 
 
+def fuse_norms(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision,
+               debugger_config: Path | None) -> int:
+    """fused-norm: batch norm with the ReLU and residual add after it as one kernel pass each way
+    (train.fused_norm); returns how many batch norms run so. After conv-gemm, whose timing runs the
+    plain modules."""
+    compiling = cfg.compile and debugger_config is None
+    why = fused_norm.why_not(cfg.fused_norm, device, precision.name, cfg.channels_last, compiling,
+                             collections(debugger_config))
+    if why:
+        if device.type == "cpu" or cfg.fused_norm != "auto":
+            log.info("fused-norm=%s: ATen's batch norm (%s)", cfg.fused_norm, why)
+        return 0
+    count = fused_norm.fuse(model)
+    log.info("fused-norm=auto: %d batch norms train with the ReLU and residual add after them in one kernel "
+             "each way", count)
+    return count
+
+
 def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) -> dict:
     """Fine-tune, checkpoint each epoch, write the artifact; returns the final metrics."""
     seed_everything(cfg.seed)
@@ -299,6 +318,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     trace_trunk(cfg, model, device, precision, job.debugger_config,
                 lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs, cfg.seed, workers))
     gemm_convs(cfg, model, device, precision)
+    fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
@@ -349,6 +369,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     debugger.close()
     train_loader.close()  # its workers would go on into an epoch that will not run
     conv_gemm.restore(model)  # what is evaluated, exported and quantized from here is the plain model
+    fused_norm.restore(model)
     frozen_trunk.detach(model)
 
     if best["state"] is not None:
