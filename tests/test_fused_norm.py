@@ -127,6 +127,7 @@ def test_a_fused_resnet_trains_as_the_plain_one_and_restores(block):
     fused = copy.deepcopy(plain)
     assert fused_norm.fuse(fused) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert type(fused) is ResNet  # the debugger names tensors after the model's class
+    assert "_forward_impl" in fused.__dict__  # the stem's ReLU in its batch norm
     assert all(type(m) is not block for m in fused.modules())
     assert fused.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(6, 3, 64, 64).contiguous(memory_format=CL)
@@ -149,6 +150,7 @@ def test_a_fused_resnet_trains_as_the_plain_one_and_restores(block):
         assert torch.equal(fused(x), plain(x))
     fused_norm.restore(fused)
     assert {type(m) for m in fused.modules()} == {type(m) for m in plain.modules()}
+    assert "_forward_impl" not in fused.__dict__
 
 
 @needs_kernel

@@ -8,7 +8,8 @@ passes as well. The file is compiled on first use on the machine that trains (gc
 against the OpenMP runtime torch already loaded, so both share one thread pool) and cached by its
 contents and the CPU's flags. Without a compiler the job trains with ATen's modules, as before.
 
-`fuse` swaps the classes of a ResNet's batch norms and blocks (the state dict is the same);
+`fuse` swaps the classes of a ResNet's batch norms and blocks and fuses the stem's ReLU (the state
+dict is the same);
 `restore` puts them back before export, as conv_gemm does. Where a batch norm is not training in
 bf16 channels-last on a CPU (evaluation, fp32, a GPU) the swapped modules compute exactly what the
 originals do, with ATen.
@@ -23,12 +24,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .frozen_trunk import HOOK_SAFE_COLLECTIONS
 
@@ -209,8 +211,6 @@ class FusedBottleneck(Bottleneck):
         return self.bn3(self.conv3(out), identity=identity, relu=True)
 
 
-# The model's own class stays: the debugger names tensors after it (ResNet_fc.weight), and fusing
-# the stem's ReLU gained under 2% of resnet50's step.
 _SWAPS = {nn.BatchNorm2d: FusedBatchNorm2d, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 _BACK = {fused: plain for plain, fused in _SWAPS.items()}
 
@@ -237,6 +237,13 @@ def why_not(mode: str, device: torch.device, precision: str, channels_last: bool
     return None
 
 
+def _stem_forward(self: ResNet, x: torch.Tensor) -> torch.Tensor:
+    """ResNet._forward_impl with the stem's ReLU in its batch norm's kernel."""
+    x = self.maxpool(self.bn1(self.conv1(x), relu=True))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def fuse(model: nn.Module) -> int:
     """Swap the classes (not the modules: parameters, buffers and hooks stay); returns how many batch
     norms now run fused. A block is swapped only where its norms are plain BatchNorm2d."""
@@ -248,10 +255,15 @@ def fuse(model: nn.Module) -> int:
     for m in model.modules():
         if type(m) is nn.BatchNorm2d:
             m.__class__ = FusedBatchNorm2d
+    # The stem's ReLU through the instance, not a subclass: the debugger names tensors after the
+    # model's class (ResNet_fc.weight). A frozen trunk's forward, where attached, takes precedence.
+    if type(model) is ResNet and type(model.bn1) is FusedBatchNorm2d:
+        model._forward_impl = types.MethodType(_stem_forward, model)
     return sum(type(m) is FusedBatchNorm2d for m in model.modules())
 
 
 def restore(model: nn.Module) -> None:
+    model.__dict__.pop("_forward_impl", None)
     for m in model.modules():
         if type(m) in _BACK:
             m.__class__ = _BACK[type(m)]
