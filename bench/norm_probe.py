@@ -4,7 +4,8 @@ fine-tuning step on the AMX CPU, where that step reaches 2.83x naive, short of t
 
 Each row times one shape in the layouts and precisions that matter: the default's (bf16,
 channels-last), bf16 NCHW, naive's (fp32 NCHW), and the default's compiled by `torch.compile`
-(inductor), which fuses the two; beside them a copy of the same bf16 tensor, the least any pass
+(inductor), which fuses the two, and on a CPU the job's own kernel for the default's layout
+(train.fused_norm, fused-norm=auto); beside them a copy of the same bf16 tensor, the least any pass
 over those bytes can take. The variants take turns in every round; each figure is the median.
 Where the default's time is many copies', the kernels, not the memory, set the pace.
 
@@ -27,16 +28,23 @@ import torch
 import torch.nn.functional as F
 
 from bench.train_throughput import SIZES
+from train import fused_norm
 
 # resnet50's batch norm widths and their feature maps, as fractions of the input size
 LAYERS = ((64, 4), (256, 4), (512, 8), (1024, 16))
 EAGER = {"bf16 channels-last": (torch.bfloat16, True), "bf16 nchw": (torch.bfloat16, False),
          "fp32 nchw": (torch.float32, False)}
 COMPILED = "bf16 channels-last compiled"
+FUSED = "bf16 channels-last fused-norm"
 
 
 def bn_relu(x, weight, bias, mean, var):
     return F.relu(F.batch_norm(x, mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5))
+
+
+def fused_bn_relu(x, weight, bias, mean, var):
+    """What a job's blocks run (train.fused_norm): the same pass in one kernel each way."""
+    return fused_norm.FusedBatchNorm2d.kernel(x, None, weight, bias, mean, var, 1e-5, 0.1, True)
 
 
 def make_inputs(shape, dtype, channels_last: bool, device):
@@ -104,6 +112,8 @@ def main() -> None:
     size, batch, _, _ = SIZES["quick" if args.quick else device.type]
     rounds = args.rounds or (2 if args.quick else 15)
     variants = {name: (bn_relu, dtype, cl) for name, (dtype, cl) in EAGER.items()}
+    if device.type == "cpu" and fused_norm.library() is not None:
+        variants[FUSED] = (fused_bn_relu, torch.bfloat16, True)
     if not args.no_compile:
         # one compiled graph per shape: raise dynamo's recompile limit past the shapes probed
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(LAYERS))

@@ -383,6 +383,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "data_wait": statistics.median(r["wait"]), "first_batch_wait": statistics.median(r["first_wait"]),
                      "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
+                     "fused_norms": sum(isinstance(m, fused_norm.FusedBatchNorm2d) for m in r["model"].modules()),
                      "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())), "int8_trunk": int8,
                      "model_gflop_per_image": gflop, "model_gflop_s": flops,
                      "matmul_gflop_s": rate, "matmul_rounds": None if int8 else matmul[precision],

@@ -18,8 +18,13 @@ def test_training_benchmark_quick_run(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     configs = ("naive", "fp32-nchw", "default", "compiled", "gpu-decode")  # gpu-decode's path, on the CPU here
+    import torch
+
+    from bench.train_throughput import setup_fuses
+
+    fuses = setup_fuses(torch.device("cpu"))  # bf16 here, and a compiler: the default with fused-norm=false beside it
     assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full") for c in configs} | {
-        ("frozen", "int8-trunk")}
+        ("frozen", "int8-trunk")} | ({("full", "aten-norm")} if fuses else set())
     for r in rows:
         assert r["synthetic_img_s"] > 0 and r["end_to_end_img_s"] > 0 and 0 <= r["data_wait"] <= 1
         # the data path alone, in the same rounds; naive's is its PIL path, not timed
@@ -32,7 +37,12 @@ def test_training_benchmark_quick_run(tmp_path):
         assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
         assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
-        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled", "int8-trunk"))
+        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled", "int8-trunk", "aten-norm"))
+        # fused-norm as a job runs it: the fast configurations but compiled and aten-norm (20 norms in resnet18)
+        assert r["fused_norms"] == (20 if fuses and r["config"] in ("default", "gpu-decode", "int8-trunk") else 0), r
+        if r["config"] == "aten-norm":
+            assert r["vs_default"] == pytest.approx(r["end_to_end_img_s"] / next(
+                d["end_to_end_img_s"] for d in rows if d["config"] == "default" and d["freeze"] == "full"))
         # frozen-trunk as a job runs it: the default's frozen backbone traced, nothing else
         traced = r["config"] in ("default", "gpu-decode", "int8-trunk") and r["freeze"] == "frozen"
         if r["config"] != "default":  # default: int8 where a job's check passes, which random weights may not
@@ -261,7 +271,10 @@ def test_norm_probe_quick_run(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["variants"] == ["bf16 channels-last", "bf16 nchw", "fp32 nchw", "bf16 channels-last compiled"]
+    from train import fused_norm
+
+    fused = ["bf16 channels-last fused-norm"] if fused_norm.library() is not None else []
+    assert report["variants"] == ["bf16 channels-last", "bf16 nchw", "fp32 nchw", *fused, "bf16 channels-last compiled"]
     assert [r["shape"] for r in report["rows"]] == [[4, 64, 8, 8], [4, 256, 8, 8], [4, 512, 4, 4], [4, 1024, 2, 2]]
     for r in report["rows"]:
         assert set(r["ms"]) == {*report["variants"], "copy"} and all(ms > 0 for ms in r["ms"].values())

@@ -207,3 +207,41 @@ def test_a_checkpoint_resumes_across_fused_norm_settings(tmp_path):
     for before in (parse({"fused-norm": "false"}).as_hyperparameters(), old):
         checkpoint.save(tmp_path, {"epoch": 1, "hyperparameters": before})
         assert checkpoint.load(tmp_path, Config().as_hyperparameters())["epoch"] == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,s,p,hw", [(3, 2, 1, (9, 8)), (3, 2, 1, (16, 16)), (2, 2, 0, (7, 6)), (3, 1, 1, (5, 7)),
+                                      (3, 2, 0, (4, 9))])
+def test_the_max_pool_gives_atens_output_and_gradients_at_least_as_exact(k, s, p, hw):
+    torch.manual_seed(0)
+    # few distinct values: ties, which go to the first position in the window as in ATen
+    x = (torch.randn(2, 24, *hw) * 2).round().div(2).to(torch.bfloat16).contiguous(memory_format=CL)
+    grad_shape = nn.MaxPool2d(k, s, p)(x.float()).shape
+    g = torch.randn(grad_shape).to(torch.bfloat16).contiguous(memory_format=CL)
+    pool = nn.MaxPool2d(k, s, p)
+    runs = {}
+    for name, module, dtype in (("exact", pool, torch.float64), ("aten", pool, torch.bfloat16),
+                                ("ours", copy.deepcopy(pool), torch.bfloat16)):
+        if name == "ours":
+            fused_norm.fuse(module)
+            assert type(module) is fused_norm.FusedMaxPool2d
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        y = module(xi)
+        y.backward(g.to(dtype))
+        runs[name] = (y, xi.grad, y.grad_fn)
+    assert type(runs["ours"][2]).__name__ == "_MaxPoolBackward"
+    assert runs["ours"][0].is_contiguous(memory_format=CL)
+    assert torch.equal(runs["ours"][0], runs["aten"][0])  # a max is exact: the same bits
+    exact = runs["exact"][1]
+    assert _relative_error(runs["ours"][1], exact) <= _relative_error(runs["aten"][1], exact) + 1e-7
+    assert _relative_error(runs["ours"][1], exact) < 4e-3  # rounded once to bf16
+
+
+def test_the_max_pool_without_a_gradient_is_atens():
+    x = torch.randn(2, 8, 9, 9).to(torch.bfloat16).contiguous(memory_format=CL)
+    pool = nn.MaxPool2d(3, 2, 1)
+    fused = copy.deepcopy(pool)
+    fused_norm.fuse(fused)
+    with torch.no_grad():
+        assert torch.equal(fused(x), pool(x))
+    assert torch.equal(fused(x), pool(x))  # x needs no gradient: nothing to keep for a backward

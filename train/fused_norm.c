@@ -235,3 +235,80 @@ int imgcls_bn_backward(const uint16_t *dy, const uint16_t *x, const uint16_t *y,
     free(coef);
     return 0;
 }
+
+/* Max pooling (dilation 1, floor mode) on bf16 channels-last maps, N x H x W x C to N x OH x OW x C,
+ * keeping each output's position in its window as one byte (ATen keeps an int64 index). Ties go to
+ * the first position in row-major order and a NaN wins, as in ATen. */
+void imgcls_maxpool_forward(const uint16_t *x, uint16_t *y, uint8_t *where, int64_t N, int64_t H, int64_t W,
+                            int64_t C, int64_t OH, int64_t OW, int k, int s, int p) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < N * OH; row++) {
+        int64_t n = row / OH, oh = row % OH;
+        for (int64_t ow = 0; ow < OW; ow++) {
+            uint16_t *yr = y + ((n * OH + oh) * OW + ow) * C;
+            uint8_t *wr = where + ((n * OH + oh) * OW + ow) * C;
+            int first = 1;
+            for (int i = 0; i < k; i++) {
+                int64_t ih = oh * s - p + i;
+                if (ih < 0 || ih >= H) continue;
+                for (int j = 0; j < k; j++) {
+                    int64_t iw = ow * s - p + j;
+                    if (iw < 0 || iw >= W) continue;
+                    const uint16_t *xr = x + ((n * H + ih) * W + iw) * C;
+                    uint8_t pos = (uint8_t)(i * k + j);
+                    if (first) {
+                        #pragma omp simd
+                        for (int64_t c = 0; c < C; c++) {
+                            yr[c] = xr[c];
+                            wr[c] = pos;
+                        }
+                        first = 0;
+                        continue;
+                    }
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) {
+                        float v = widen(xr[c]), m = widen(yr[c]);
+                        int take = v > m || v != v;
+                        yr[c] = take ? xr[c] : yr[c];
+                        wr[c] = take ? pos : wr[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* dx[input position] = the sum, in fp32 rounded once, of the output gradients whose window max it was.
+ * A gather over the (at most ceil(k/s)^2) windows covering each input: no zero-filled buffer, no
+ * scattered writes, and each thread writes its own rows. C is at most MAXPOOL_CHANNELS (the caller
+ * checks): the accumulator lives on the thread's stack. */
+#define MAXPOOL_CHANNELS 4096
+void imgcls_maxpool_backward(const uint16_t *g, const uint8_t *where, uint16_t *dx, int64_t N, int64_t H,
+                             int64_t W, int64_t C, int64_t OH, int64_t OW, int k, int s, int p) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < N * H; row++) {
+        float acc[MAXPOOL_CHANNELS];
+        int64_t n = row / H, ih = row % H;
+        /* the windows oh with oh*s - p <= ih < oh*s - p + k, and likewise ow */
+        int64_t oh0 = ih + p - k + 1 > 0 ? (ih + p - k + 1 + s - 1) / s : 0;
+        int64_t oh1 = (ih + p) / s < OH - 1 ? (ih + p) / s : OH - 1;
+        for (int64_t iw = 0; iw < W; iw++) {
+            int64_t ow0 = iw + p - k + 1 > 0 ? (iw + p - k + 1 + s - 1) / s : 0;
+            int64_t ow1 = (iw + p) / s < OW - 1 ? (iw + p) / s : OW - 1;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) acc[c] = 0.f;
+            for (int64_t oh = oh0; oh <= oh1; oh++) {
+                for (int64_t ow = ow0; ow <= ow1; ow++) {
+                    uint8_t pos = (uint8_t)((ih - (oh * s - p)) * k + (iw - (ow * s - p)));
+                    const uint16_t *gr = g + ((n * OH + oh) * OW + ow) * C;
+                    const uint8_t *wr = where + ((n * OH + oh) * OW + ow) * C;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < C; c++) acc[c] += wr[c] == pos ? widen(gr[c]) : 0.f;
+                }
+            }
+            uint16_t *out = dx + ((n * H + ih) * W + iw) * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) out[c] = narrow(acc[c]);
+        }
+    }
+}

@@ -40,10 +40,13 @@ SOURCE = Path(__file__).with_name("fused_norm.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-Wall")
 
 _P, _I, _D, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-_SIGNATURES = {
-    "imgcls_bn_forward": (_P, _P, _P, _I, _I, _P, _P, _D, _D, _P, _P, _INT, _P, _P, _P, _P),
-    "imgcls_bn_backward": (_P, _P, _P, _P, _P, _I, _I, _INT, _P, _P, _P, _P, _P, _P, _P),
+_SIGNATURES = {  # name: (arguments, result)
+    "imgcls_bn_forward": ((_P, _P, _P, _I, _I, _P, _P, _D, _D, _P, _P, _INT, _P, _P, _P, _P), _INT),
+    "imgcls_bn_backward": ((_P, _P, _P, _P, _P, _I, _I, _INT, _P, _P, _P, _P, _P, _P, _P), _INT),
+    "imgcls_maxpool_forward": ((_P, _P, _P, _I, _I, _I, _I, _I, _I, _INT, _INT, _INT), None),
+    "imgcls_maxpool_backward": ((_P, _P, _P, _I, _I, _I, _I, _I, _I, _INT, _INT, _INT), None),
 }
+MAXPOOL_CHANNELS = 4096  # as in fused_norm.c
 
 _library: ctypes.CDLL | None = None
 _why_not_built: str | None = None
@@ -115,9 +118,9 @@ def library() -> ctypes.CDLL | None:
     except OSError as e:
         _why_not_built = f"could not build or load {target}: {e}"
         return None
-    for name, args in _SIGNATURES.items():
+    for name, (args, result) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, ctypes.c_int
+        fn.argtypes, fn.restype = args, result
     _library = lib
     return lib
 
@@ -192,8 +195,58 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 y = y + identity
             return F.relu(y) if relu else y
         self.num_batches_tracked.add_(1)
-        return _Norm.apply(x, identity, self.weight, self.bias, self.running_mean, self.running_var,
+        return self.kernel(x, identity, self.weight, self.bias, self.running_mean, self.running_var,
                            self.eps, self.momentum, relu)
+
+    # (x, identity, weight, bias, running_mean, running_var, eps, momentum, relu) -> y, with gradients
+    kernel = staticmethod(_Norm.apply)
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max pooling of bf16 channels-last x, each output's place in its window kept in one byte."""
+
+    @staticmethod
+    def forward(ctx, x, k: int, s: int, p: int):
+        n, c, h, w = x.shape
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
+        where = torch.empty((n, oh, ow, c), dtype=torch.uint8)
+        library().imgcls_maxpool_forward(_ptr(x), _ptr(y), _ptr(where), n, h, w, c, oh, ow, k, s, p)
+        ctx.save_for_backward(where)
+        ctx.geometry = (n, c, h, w, oh, ow, k, s, p)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (where,) = ctx.saved_tensors
+        n, c, h, w, oh, ow, k, s, p = ctx.geometry
+        g = g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dx = torch.empty((n, c, h, w), dtype=torch.bfloat16, memory_format=torch.channels_last)
+        library().imgcls_maxpool_backward(_ptr(g), _ptr(where), _ptr(dx), n, h, w, c, oh, ow, k, s, p)
+        return dx, None, None, None
+
+
+def _square(value) -> int | None:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    return pair[0] if len(pair) == 2 and pair[0] == pair[1] else None
+
+
+class FusedMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that, while it computes a gradient, keeps its argmax in a byte, not ATen's int64 index
+    (the stem's pool: its input is as large as layer1's whole activations)."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        k, s, p = _square(self.kernel_size), _square(self.stride), _square(self.padding)
+        return (None not in (k, s, p) and _square(self.dilation) == 1 and not self.ceil_mode
+                and not self.return_indices and k * k <= 256 and 2 * p <= k and x.dim() == 4
+                and x.shape[1] <= MAXPOOL_CHANNELS and min(x.shape[2], x.shape[3]) + 2 * p >= k
+                and torch.is_grad_enabled() and x.requires_grad and _channels_last_bf16(x, x.shape)
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and library() is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return super().forward(x)
+        return _MaxPool.apply(x, _square(self.kernel_size), _square(self.stride), _square(self.padding))
 
 
 class FusedBasicBlock(BasicBlock):
@@ -211,7 +264,8 @@ class FusedBottleneck(Bottleneck):
         return self.bn3(self.conv3(out), identity=identity, relu=True)
 
 
-_SWAPS = {nn.BatchNorm2d: FusedBatchNorm2d, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+_SWAPS = {nn.BatchNorm2d: FusedBatchNorm2d, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck,
+          nn.MaxPool2d: FusedMaxPool2d}
 _BACK = {fused: plain for plain, fused in _SWAPS.items()}
 
 
@@ -253,8 +307,8 @@ def fuse(model: nn.Module) -> int:
             if all(type(bn) in (nn.BatchNorm2d, FusedBatchNorm2d) for bn in norms if bn is not None):
                 m.__class__ = _SWAPS[type(m)]
     for m in model.modules():
-        if type(m) is nn.BatchNorm2d:
-            m.__class__ = FusedBatchNorm2d
+        if type(m) in (nn.BatchNorm2d, nn.MaxPool2d):
+            m.__class__ = _SWAPS[type(m)]
     # The stem's ReLU through the instance, not a subclass: the debugger names tensors after the
     # model's class (ResNet_fc.weight). A frozen trunk's forward, where attached, takes precedence.
     if type(model) is ResNet and type(model.bn1) is FusedBatchNorm2d:
