@@ -3,6 +3,9 @@ fp64 as ATen's bf16 modules, the same running statistics, ATen's own result wher
 not apply, the same state dict, and the plain classes back before export."""
 
 import copy
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +193,30 @@ def test_without_a_compiler_the_job_keeps_atens_batch_norm(monkeypatch, tmp_path
     want, _ = _run(_norm(8, False), x, None, True, torch.ones_like(x), False)
     got, _ = _run(bn, x, None, True, torch.ones_like(x), True)
     assert torch.equal(got["y"], want["y"])
+
+
+@needs_kernel
+def test_the_kernels_share_torchs_openmp_runtime():
+    """Linked to the runtime torch loaded, not the system's: one pool of threads on the cores."""
+    runtime = fused_norm._openmp_runtime()
+    assert runtime is not None and Path(torch.__file__).parent in runtime.parents  # a pip wheel bundles it
+    fused_norm.library()
+    mapped = {Path(line.split()[-1]).resolve() for line in Path("/proc/self/maps").read_text().splitlines()
+              if len(line.split()) >= 6 and fused_norm.OPENMP_RUNTIME.match(Path(line.split()[-1]).name)}
+    assert mapped == {runtime.resolve()}
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_norm, "_library", None)
+    monkeypatch.setattr(fused_norm, "_why_not_built", None)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("IMGCLS_CACHE", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert fused_norm.library() is not None, fused_norm.why_not_built()
+    assert [p.name.startswith("fused_norm-") for p in (tmp_path / "tmp" / f"imgcls-{os.getuid()}").iterdir()] == [True]
 
 
 def test_fused_norm_hyperparameter():

@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -52,17 +53,21 @@ _library: ctypes.CDLL | None = None
 _why_not_built: str | None = None
 
 
+# GNU's runtime, Intel's and LLVM's: the latter two also answer the GOMP_* calls gcc emits.
+OPENMP_RUNTIME = re.compile(r"^lib(gomp|iomp5|omp)\b[-.\w]*\.so")
+
+
 def _openmp_runtime() -> Path | None:
-    """The OpenMP library this process loaded with torch (its wheel bundles one)."""
+    """The OpenMP library this process loaded with torch (a pip wheel bundles libgomp)."""
     torch.get_num_threads()  # loads libtorch_cpu, and with it the runtime
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split()[-1] if line.split() else ""
-        if "gomp" in Path(path).name and Path(path).is_file():
-            return Path(path)
+        fields = line.split()
+        if len(fields) >= 6 and OPENMP_RUNTIME.match(Path(fields[-1]).name) and Path(fields[-1]).is_file():
+            return Path(fields[-1])
     return None
 
 
@@ -107,16 +112,24 @@ def library() -> ctypes.CDLL | None:
     runtime = _openmp_runtime()
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
                                      str(runtime).encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"fused_norm-{key}.so"
-    try:
-        if not target.exists():
-            _compile(compiler, runtime, target)
-        lib = ctypes.CDLL(str(target))
-    except subprocess.CalledProcessError as e:
-        _why_not_built = f"{compiler} failed: {(e.stderr or '').strip()[-400:]}"
-        return None
-    except OSError as e:
-        _why_not_built = f"could not build or load {target}: {e}"
+    # A home that cannot be written (a read-only file system, another user's) falls back to a
+    # directory of this user's under the temporary one.
+    roots = [cache_dir(), Path(tempfile.gettempdir()) / f"imgcls-{os.getuid()}"]
+    problems = []
+    for root in roots:
+        target = root / f"fused_norm-{key}.so"
+        try:
+            if not target.exists():
+                _compile(compiler, runtime, target)
+            lib = ctypes.CDLL(str(target))
+            break
+        except subprocess.CalledProcessError as e:
+            _why_not_built = f"{compiler} failed: {(e.stderr or '').strip()[-400:]}"
+            return None
+        except OSError as e:
+            problems.append(f"{target}: {e}")
+    else:
+        _why_not_built = "could not build or load the kernels: " + "; ".join(problems)
         return None
     for name, (args, result) in _SIGNATURES.items():
         fn = getattr(lib, name)
