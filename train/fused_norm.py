@@ -8,9 +8,8 @@ passes as well. The file is compiled on first use on the machine that trains (gc
 against the OpenMP runtime torch already loaded, so both share one thread pool) and cached by its
 contents and the CPU's flags. Without a compiler the job trains with ATen's modules, as before.
 
-`fuse` swaps the classes of a ResNet's batch norms and blocks and fuses the stem's ReLU (the state
-dict is the same);
-`restore` puts them back before export, as conv_gemm does. Where a batch norm is not training in
+`fuse` swaps the classes of a ResNet's batch norms, blocks and max pool and fuses the stem's ReLU
+(the state dict is the same); `restore` puts them back before export, as conv_gemm does. Where a batch norm is not training in
 bf16 channels-last on a CPU (evaluation, fp32, a GPU) the swapped modules compute exactly what the
 originals do, with ATen.
 """
@@ -72,13 +71,12 @@ def _openmp_runtime() -> Path | None:
 
 
 def _cpu_flags() -> str:
+    """The CPU's flags line (part of the cache key: an image built on one CPU may run on another)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return ""
+        return ""
+    return next((line for line in lines if line.startswith("flags")), "")
 
 
 def cache_dir() -> Path:
