@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from imgcls.models import create_model
-from train import fused_norm
+from train import fused_norm, native
 from train.fused_norm import FusedBatchNorm2d
 from train.hyperparams import HyperparameterError, parse
 
@@ -182,8 +182,7 @@ def test_why_not_says_why():
 
 
 def test_without_a_compiler_the_job_keeps_atens_batch_norm(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused_norm, "_library", None)
-    monkeypatch.setattr(fused_norm, "_why_not_built", None)
+    monkeypatch.setattr(fused_norm, "KERNELS", native.Kernels(fused_norm.SOURCE, fused_norm._SIGNATURES))
     monkeypatch.setenv("CC", "/nonexistent/gcc")
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path))  # nothing built before may be picked up
     assert fused_norm.library() is None
@@ -198,18 +197,17 @@ def test_without_a_compiler_the_job_keeps_atens_batch_norm(monkeypatch, tmp_path
 @needs_kernel
 def test_the_kernels_share_torchs_openmp_runtime():
     """Linked to the runtime torch loaded, not the system's: one pool of threads on the cores."""
-    runtime = fused_norm._openmp_runtime()
+    runtime = native.openmp_runtime()
     assert runtime is not None and Path(torch.__file__).parent in runtime.parents  # a pip wheel bundles it
     fused_norm.library()
     mapped = {Path(line.split()[-1]).resolve() for line in Path("/proc/self/maps").read_text().splitlines()
-              if len(line.split()) >= 6 and fused_norm.OPENMP_RUNTIME.match(Path(line.split()[-1]).name)}
+              if len(line.split()) >= 6 and native.OPENMP_RUNTIME.match(Path(line.split()[-1]).name)}
     assert mapped == {runtime.resolve()}
 
 
 @needs_kernel
 def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused_norm, "_library", None)
-    monkeypatch.setattr(fused_norm, "_why_not_built", None)
+    monkeypatch.setattr(fused_norm, "KERNELS", native.Kernels(fused_norm.SOURCE, fused_norm._SIGNATURES))
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
     monkeypatch.setenv("IMGCLS_CACHE", str(blocked))

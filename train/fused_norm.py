@@ -17,13 +17,7 @@ originals do, with ATen.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 import types
 from pathlib import Path
 
@@ -32,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from . import native
 from .frozen_trunk import HOOK_SAFE_COLLECTIONS
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_norm.c")
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-Wall")
 
 _P, _I, _D, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {  # name: (arguments, result)
@@ -47,98 +41,16 @@ _SIGNATURES = {  # name: (arguments, result)
     "imgcls_maxpool_backward": ((_P, _P, _P, _I, _I, _I, _I, _I, _I, _INT, _INT, _INT), None),
 }
 MAXPOOL_CHANNELS = 4096  # as in fused_norm.c
-
-_library: ctypes.CDLL | None = None
-_why_not_built: str | None = None
-
-
-# GNU's runtime, Intel's and LLVM's: the latter two also answer the GOMP_* calls gcc emits.
-OPENMP_RUNTIME = re.compile(r"^lib(gomp|iomp5|omp)\b[-.\w]*\.so")
-
-
-def _openmp_runtime() -> Path | None:
-    """The OpenMP library this process loaded with torch (a pip wheel bundles libgomp)."""
-    torch.get_num_threads()  # loads libtorch_cpu, and with it the runtime
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and OPENMP_RUNTIME.match(Path(fields[-1]).name) and Path(fields[-1]).is_file():
-            return Path(fields[-1])
-    return None
-
-
-def _cpu_flags() -> str:
-    """The CPU's flags line (part of the cache key: an image built on one CPU may run on another)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line for line in lines if line.startswith("flags")), "")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("IMGCLS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imgcls")
-    return Path(root)
-
-
-def _compile(compiler: str, runtime: Path | None, target: Path) -> None:
-    """Compile into a temporary file and rename it into place: processes of one job may build at once."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "fused_norm.o", Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
-        # Linked to torch's own runtime, not with -fopenmp (which links the system's libgomp): two
-        # runtimes would keep two pools of spinning threads on the same cores.
-        link = ([str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else ["-lgomp"])
-        subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), *link], check=True, capture_output=True, text=True)
-        os.replace(lib, target)
+KERNELS = native.Kernels(SOURCE, _SIGNATURES)
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None where they cannot be (why_not_built() says why)."""
-    global _library, _why_not_built
-    if _library is not None or _why_not_built is not None:
-        return _library
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        _why_not_built = "no C compiler (gcc) on this machine"
-        return None
-    runtime = _openmp_runtime()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
-                                     str(runtime).encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    # A home that cannot be written (a read-only file system, another user's) falls back to a
-    # directory of this user's under the temporary one.
-    roots = [cache_dir(), Path(tempfile.gettempdir()) / f"imgcls-{os.getuid()}"]
-    problems = []
-    for root in roots:
-        target = root / f"fused_norm-{key}.so"
-        try:
-            if not target.exists():
-                _compile(compiler, runtime, target)
-            lib = ctypes.CDLL(str(target))
-            break
-        except subprocess.CalledProcessError as e:
-            _why_not_built = f"{compiler} failed: {(e.stderr or '').strip()[-400:]}"
-            return None
-        except OSError as e:
-            problems.append(f"{target}: {e}")
-    else:
-        _why_not_built = "could not build or load the kernels: " + "; ".join(problems)
-        return None
-    for name, (args, result) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
-    _library = lib
-    return lib
+    return KERNELS.library()
 
 
 def why_not_built() -> str | None:
-    library()
-    return _why_not_built
+    return KERNELS.why_not_built()
 
 
 def _ptr(t: torch.Tensor | None):
