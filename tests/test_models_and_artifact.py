@@ -97,3 +97,22 @@ def test_presets_output_uint8_of_the_crop_size_and_normalize_on_the_batch():
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     assert x[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-3)
     assert ClassificationPresetEval(224).resize_size == 256
+
+
+def test_normalize_in_place_gives_the_formulas_values_and_leaves_its_input():
+    """(x - mean) * (1 / std) in fp32, rounded once to the dtype, in either layout; a float batch
+    passed in comes back unchanged (the arithmetic runs in place, on a copy)."""
+    preset = ClassificationPresetTrain(16)
+    mean = torch.tensor(preset.mean).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(preset.std).view(1, 3, 1, 1) * 255)
+    batch = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for x in (batch, batch.contiguous(memory_format=torch.channels_last)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels_last in (False, True):
+                got = preset.normalize(x, dtype, channels_last)
+                assert torch.equal(got, ((x.float() - mean) * inv_std).to(dtype)) and got.dtype == dtype
+                if channels_last:
+                    assert got.is_contiguous(memory_format=torch.channels_last)
+    floats = batch.float()
+    preset.normalize(floats)
+    assert torch.equal(floats, batch.float())
