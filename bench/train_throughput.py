@@ -13,6 +13,8 @@ Configurations (same `train_one_epoch`, same model, same optimizer):
               auto picks it where the int8 features stay close to fp32's (a trained backbone, as the
               frozen-accuracy part's); the bench's random-init backbones do not pass that check,
               so its default runs the float trace
+  sample-crop default with the cached images' random crop and flip run image by image (torch's
+              resize per image), where a job crops a batch in one call (train.batch_crop): same pixels
   uncached    default without decode-once: every epoch decodes the JPEGs in the workers
   gpu-decode  default without decode-once, JPEGs decoded a batch at a time on the device
               (gpu-decode=true); both on GPUs (and gpu-decode in --quick, to keep its path working)
@@ -76,9 +78,9 @@ from train.synthetic import make_dataset
 E2E_TARGET, NAIVE_TARGET = 0.85, 3.0
 PARTS = ("throughput", "accuracy", "frozen-accuracy")
 PIN_CONFIGS = {f"pin-{mode}": mode for mode in data.PINNINGS}
-CACHED = ("default", "compiled", "int8-trunk", "aten-norm", *PIN_CONFIGS)  # the configurations that decode once, as a job does
-CONFIGS = ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "aten-norm", "uncached", "gpu-decode",
-           *PIN_CONFIGS)
+CACHED = ("default", "compiled", "int8-trunk", "aten-norm", "sample-crop", *PIN_CONFIGS)  # the configurations that decode once, as a job does
+CONFIGS = ("naive", "fp32-nchw", "default", "compiled", "int8-trunk", "aten-norm", "sample-crop", "uncached",
+           "gpu-decode", *PIN_CONFIGS)
 FREEZES = {"frozen": "backbone", "full": "none"}
 GPU_TARGET, GPU_WAIT = 0.90, 0.05
 PHOTO_CHUNK = 256
@@ -177,7 +179,7 @@ class Setup:
             return
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
                                       pin_memory=loader_pins, drop_last=True, cache=caches.get("train"),
-                                      run_ahead=True)
+                                      run_ahead=True, by_batch=config != "sample-crop")
 
     def data_epoch(self, epoch: int) -> float:
         """The data path alone (data_path_rate) of this configuration's training loader. Set beside the
@@ -291,6 +293,8 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
                 configs += ("int8-trunk",)
             if freeze == "none" and setup_fuses(device):  # what fused-norm gains, side by side
                 configs += ("aten-norm",)
+            if device.type == "cpu":  # where the crop runs in the training process
+                configs += ("sample-crop",)
             if device.type == "cuda":
                 configs += ("uncached", "gpu-decode")
                 configs += tuple(c for c, mode in PIN_CONFIGS.items() if mode != data.GPU_PINNING)
@@ -310,7 +314,7 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
                         and b["config"] == "default"), None)
         if r["config"] == "compiled" and default:
             r["compile_s"] = r["first_epoch_s"] - default["first_epoch_s"]
-        if r["config"] in ("compiled", "aten-norm") and default:
+        if r["config"] in ("compiled", "aten-norm", "sample-crop") and default:
             r["vs_default"] = r["end_to_end_img_s"] / default["end_to_end_img_s"]
     return rows
 
@@ -384,6 +388,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "decode_once_s": r["setup"].cache_seconds,
                      "first_epoch_s": r["first"].seconds, "gemm_convs": r["gemm"],
                      "fused_norms": sum(isinstance(m, fused_norm.FusedBatchNorm2d) for m in r["model"].modules()),
+                     "batch_crop": getattr(getattr(r["setup"].train, "dataset", None), "crops_batches", False),
                      "frozen_trunk": list(getattr(r["model"], "frozen_trunk", ())), "int8_trunk": int8,
                      "model_gflop_per_image": gflop, "model_gflop_s": flops,
                      "matmul_gflop_s": rate, "matmul_rounds": None if int8 else matmul[precision],
@@ -618,7 +623,7 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
           + ", ".join(f"{p} {statistics.median(v):.0f} GFLOP/s" for p, v in sorted(rates.items())))
     print("model GFLOP per training image: " + ", ".join(sorted({
         f"{r['arch']} {r['freeze']} {r['model_gflop_per_image']:.2f}" for r in rows})))
-    header = f"{'arch':<10}{'mode':<8}{'config':<11}{'prec':<10}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
+    header = f"{'arch':<10}{'mode':<8}{'config':<13}{'prec':<10}{'synthetic':>11}{'end-to-end':>12}{'e2e/syn':>9}" \
              f"{'data':>9}{'vs naive':>10}{'wait':>7}{'1st':>6}{'GFLOP/s':>9}{'of mm':>7}"
     print(header)
     print("-" * len(header))
@@ -631,7 +636,7 @@ def print_rows(args, device, workers, rows: list[dict]) -> None:
         data = f"{r['data_img_s']:.1f}" if r["data_img_s"] else "-"
         vs_naive = f"{r['vs_naive']:.2f}" if r["vs_naive"] else "-"
         share = f"{r['of_matmul']:.2f}" if r["of_matmul"] else "-"  # of the multiply rate (bench.roofline)
-        print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<11}{precision:<10}{r['synthetic_img_s']:>11.1f}"
+        print(f"{r['arch']:<10}{r['freeze']:<8}{r['config']:<13}{precision:<10}{r['synthetic_img_s']:>11.1f}"
               f"{r['end_to_end_img_s']:>12.1f}{r['e2e_over_synthetic']:>9.2f}{data:>9}{vs_naive:>10}"
               f"{r['data_wait']:>7.2f}{r['first_batch_wait']:>6.2f}{r['model_gflop_s']:>9.0f}{share:>7}{compiled}")
 

@@ -29,7 +29,7 @@ RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} --index-url "$TORCH_INDEX_URL" \
 
 # Dependencies before code: a code change rebuilds only the last layers. smdebug needs
 # pyinstrument-cext, published as source only: python3-dev is installed for it and removed again.
-# gcc stays: on a CPU instance the job compiles its batch-norm kernel for that CPU (train/fused_norm.py).
+# gcc stays: on a CPU instance the job compiles its batch-norm and crop kernels for that CPU (train/native.py).
 # README.md (pyproject's readme) comes with the code: a doc edit must not reinstall every dependency.
 COPY pyproject.toml /opt/imgcls/
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \

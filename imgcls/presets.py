@@ -14,6 +14,8 @@ follows sees more than enough pixels. Trainer and server both decode this way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -86,6 +88,7 @@ class ClassificationPresetTrain(_Preset):
         if augment not in AUGMENT_LEVELS:
             raise ValueError(f"augment must be one of {AUGMENT_LEVELS}, got {augment!r}")
         self.mean, self.std = tuple(mean), tuple(std)
+        self.crop_size, self.augment, self.interpolation = int(crop_size), augment, interpolation
         self.decode_size = 2 * round(crop_size / CROP_RATIO)
         interp = InterpolationMode(interpolation)
         self._crop = None
@@ -95,6 +98,7 @@ class ClassificationPresetTrain(_Preset):
             return
         scale = (0.25, 1.0) if augment == "light" else (0.08, 1.0)
         self._crop = T.RandomResizedCrop(crop_size, scale=scale, interpolation=interp, antialias=True)
+        self._log_ratio = (math.log(self._crop.ratio[0]), math.log(self._crop.ratio[1]))
         rest = []
         if augment in ("medium", "heavy"):
             rest.append(T.TrivialAugmentWide(interpolation=interp))
@@ -102,6 +106,38 @@ class ClassificationPresetTrain(_Preset):
             rest.append(T.RandomErasing(p=0.25))
         self._rest = T.Compose(rest) if rest else None
         self.transforms = T.Compose([self._crop, T.RandomHorizontalFlip(), *rest])
+
+    @property
+    def crop_only(self) -> bool:
+        """Whether the random crop and flip are all the preset does (augment=light): what a whole
+        batch can get in one call (train.batch_crop)."""
+        return self._crop is not None and self._rest is None
+
+    def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """((top, left, height, width) of the random crop, whether to flip) for an image of that
+        size, from torch's generator: RandomResizedCrop's draws in its order, then
+        RandomHorizontalFlip's. The same boxes as RandomResizedCrop.make_params for the same state
+        (tests), at half its time: it dispatches on the inputs' types first."""
+        crop = self._crop
+        area = height * width
+        for _ in range(10):
+            target = area * torch.empty(1).uniform_(crop.scale[0], crop.scale[1]).item()
+            aspect = math.exp(torch.empty(1).uniform_(self._log_ratio[0], self._log_ratio[1]).item())
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                box = (top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w)
+                break
+        else:  # ten misses: the largest centred box within the ratio range
+            ratio = width / height
+            if ratio < min(crop.ratio):
+                w, h = width, round(width / min(crop.ratio))
+            elif ratio > max(crop.ratio):
+                w, h = round(height * max(crop.ratio)), height
+            else:
+                w, h = width, height
+            box = ((height - h) // 2, (width - w) // 2, h, w)
+        return box, bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip(p=0.5) flips unless its draw is >= p
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         """What `transforms` gives for the same state of torch's generator (the same draws in the same
@@ -111,10 +147,9 @@ class ClassificationPresetTrain(_Preset):
         if self._crop is None:  # augment="none": the eval transforms
             return super().__call__(img)
         img = _as_uint8_tensor(img)
-        crop = self._crop
-        box = crop.make_params([img])
-        out = F.resize_image(F.crop_image(img, **box), list(crop.size), interpolation=crop.interpolation,
-                             antialias=crop.antialias)
-        if torch.rand(1) < 0.5:  # RandomHorizontalFlip(p=0.5) flips unless its draw is >= p
+        (top, left, h, w), flip = self.draw(*img.shape[-2:])
+        out = F.resize_image(F.crop_image(img, top, left, h, w), list(self._crop.size),
+                             interpolation=self._crop.interpolation, antialias=self._crop.antialias)
+        if flip:
             out = F.horizontal_flip_image(out)
         return self._rest(out) if self._rest is not None else out

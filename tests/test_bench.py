@@ -21,8 +21,10 @@ def test_training_benchmark_quick_run(tmp_path):
     import torch
 
     from bench.train_throughput import setup_fuses
+    from train import batch_crop
 
     fuses = setup_fuses(torch.device("cpu"))  # bf16 here, and a compiler: the default with fused-norm=false beside it
+    configs += ("sample-crop",)  # on a CPU: the cached crops image by image beside the default's batches
     assert {(r["freeze"], r["config"]) for r in rows} == {(f, c) for f in ("frozen", "full") for c in configs} | {
         ("frozen", "int8-trunk")} | ({("full", "aten-norm")} if fuses else set())
     for r in rows:
@@ -37,15 +39,19 @@ def test_training_benchmark_quick_run(tmp_path):
         assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
         assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
-        assert (r["decode_once_s"] > 0) == (r["config"] in ("default", "compiled", "int8-trunk", "aten-norm"))
+        cached = ("default", "compiled", "int8-trunk", "aten-norm", "sample-crop")
+        assert (r["decode_once_s"] > 0) == (r["config"] in cached)
+        # a job's crop of a cached batch: one call, but in sample-crop
+        assert r["batch_crop"] == (batch_crop.KERNELS.library() is not None and r["config"] in cached[:-1]), r
         # fused-norm as a job runs it: the fast configurations but compiled and aten-norm (20 norms in resnet18)
-        assert r["fused_norms"] == (20 if fuses and r["config"] in ("default", "gpu-decode", "int8-trunk") else 0), r
-        if r["config"] == "aten-norm":
+        assert r["fused_norms"] == (20 if fuses and r["config"] in ("default", "gpu-decode", "int8-trunk", "sample-crop")
+                                    else 0), r
+        if r["config"] in ("aten-norm", "sample-crop"):
             assert r["vs_default"] == pytest.approx(r["end_to_end_img_s"] / next(
-                d["end_to_end_img_s"] for d in rows if d["config"] == "default" and d["freeze"] == "full"))
+                d["end_to_end_img_s"] for d in rows if d["config"] == "default" and d["freeze"] == r["freeze"]))
         # frozen-trunk as a job runs it: the default's frozen backbone traced, nothing else
-        traced = r["config"] in ("default", "gpu-decode", "int8-trunk") and r["freeze"] == "frozen"
-        if r["config"] != "default":  # default: int8 where a job's check passes, which random weights may not
+        traced = r["config"] in ("default", "gpu-decode", "int8-trunk", "sample-crop") and r["freeze"] == "frozen"
+        if r["config"] not in ("default", "sample-crop"):  # int8 where a job's check passes, which random weights may not
             assert r["int8_trunk"] == (r["config"] == "int8-trunk"), r
         assert r["frozen_trunk"] == (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
                                       "avgpool"] if traced else []), r

@@ -128,9 +128,10 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     log = out.stdout + out.stderr
     assert "model: resnet18 from torchvision's ImageNet weights" in log  # found at the image's TORCH_HOME
     assert "[metrics] epoch=2" in log and "[metrics] test_loss=" in log
-    # the image keeps gcc: the job compiles its batch-norm kernel for the CPU it runs on
+    # the image keeps gcc: the job compiles its batch-norm and crop kernels for the CPU it runs on
     want = "fused-norm=auto: 20 batch norms train" if fast_bf16(torch.device("cpu")) else "fused-norm=auto: ATen's"
     assert want in log
+    assert "random crop: a batch at a time, in one call of train/crop_resize.c" in log  # in the loader's worker
     assert (base / "model" / "model.json").is_file() and (base / "model" / "model.pt").is_file()
     assert not (base / "output" / "failure").exists()
     return base

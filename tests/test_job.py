@@ -13,7 +13,7 @@ from imgcls import artifact
 from imgcls.hardware import fast_bf16
 from imgcls.presets import ClassificationPresetEval
 from tests.test_data import bad_files
-from train import fused_norm, metrics
+from train import batch_crop, fused_norm, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,8 @@ def test_end_to_end_run_artifacts_and_metric_regexes(tiny_data):
         assert "fused-norm=auto: 20 batch norms train with the ReLU and residual add after them in one kernel" in log
     else:
         assert "fused-norm=auto: ATen's batch norm (" in log
+    if batch_crop.KERNELS.library() is not None:
+        assert "random crop: a batch at a time, in one call of train/crop_resize.c" in log
     assert not job.failure.exists()
 
     # The exported definitions, applied to the real log, find one value per epoch and the test line.
@@ -297,6 +299,7 @@ def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
         result = tiny_data.run()
         assert result.returncode == 0, result.stdout[-3000:]
         assert ("decode once: 24 train + 6 valid + 9 test images kept in memory" in result.stdout) == (choice == "true")
+        assert ("random crop: image by image (augment=none: no random crop)" in result.stdout) == (choice == "true")
         histories[choice] = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
         _, cards[choice] = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
         int8_files[choice] = (tiny_data.model_dir / artifact.INT8_FILE).is_file()

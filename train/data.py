@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imgcls.errors import ClassifierError
 from imgcls.images import IMAGE_EXTENSIONS, is_image_name, open_image
+
+from . import batch_crop
 
 log = logging.getLogger("train")
 
@@ -186,11 +188,36 @@ def identity(image):
     return image
 
 
-class ImageDataset(Dataset):
-    """(transform(image), label); images come from the files, or from `cache` (train.cache) when given."""
+class Collated(tuple):
+    """(images, labels): a batch that ImageDataset.__getitems__ already put together."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0, cache=None):
+
+def collate(items):
+    """The loaders' collate_fn: a Collated batch as it is, a list of samples stacked."""
+    return list(items) if isinstance(items, Collated) else default_collate(items)
+
+
+class ImageDataset(Dataset):
+    """(transform(image), label); images come from the files, or from `cache` (train.cache) when given.
+    A batch of cached images for the train preset at augment=light is cropped in one call
+    (train.batch_crop), to the same pixels; by_batch=False keeps the crops image by image."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0, cache=None, by_batch: bool = True):
         self.samples, self.transform, self.seed, self.cache = samples, transform, seed, cache
+        self.crops_batches = by_batch and cache is not None and batch_crop.why_not(transform) is None
+
+    def __getitems__(self, keys: list) -> list | Collated:
+        if not self.crops_batches:
+            return [self[key] for key in keys]
+        images, boxes, flips, labels = [], [], [], []
+        for key in keys:
+            epoch, index = key if isinstance(key, tuple) else (0, key)
+            seed_sample(self.seed, epoch, index)
+            image = self.cache[index]
+            box, flip = self.transform.draw(*image.shape[-2:])
+            images.append(image), boxes.append(box), flips.append(flip), labels.append(self.samples[index][1])
+        size = (self.transform.crop_size, self.transform.crop_size)
+        return Collated((batch_crop.crop_resize(images, boxes, flips, size), torch.tensor(labels)))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -290,7 +317,7 @@ def epoch_batches(loader, epoch: int):
 def loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, *, workers: int, pin_memory: bool = False,
            drop_last: bool = False, collate_fn=None, run_ahead: bool = False):
     """A DataLoader over `sampler`, or with run_ahead a RunAhead (a training run's loader)."""
-    args = {"num_workers": workers, "pin_memory": pin_memory, "collate_fn": collate_fn,
+    args = {"num_workers": workers, "pin_memory": pin_memory, "collate_fn": collate_fn or collate,
             "prefetch_factor": 4 if workers > 0 else None}
     if run_ahead:
         return RunAhead(dataset, sampler, batch_size, drop_last, **args)
@@ -300,8 +327,8 @@ def loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, *, workers:
 
 def make_loader(channel: Channel, transform, batch_size: int, *, shuffle: bool, seed: int,
                 workers: int, pin_memory: bool, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1, cache=None, run_ahead: bool = False):
-    """run_ahead: a RunAhead, for a training run's train channel."""
+                world_size: int = 1, cache=None, run_ahead: bool = False, by_batch: bool = True):
+    """run_ahead: a RunAhead, for a training run's train channel. by_batch: as ImageDataset's."""
     sampler = EpochSampler(len(channel.samples), seed, shuffle, rank, world_size)
-    return loader(ImageDataset(channel.samples, transform, seed, cache), sampler, batch_size, workers=workers,
+    return loader(ImageDataset(channel.samples, transform, seed, cache, by_batch), sampler, batch_size, workers=workers,
                   pin_memory=pin_memory, drop_last=drop_last, run_ahead=run_ahead)

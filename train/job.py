@@ -22,6 +22,7 @@ from imgcls.models import create_model
 from imgcls.presets import ClassificationPresetEval, ClassificationPresetTrain
 
 from . import (
+    batch_crop,
     cache,
     checkpoint,
     contract,
@@ -272,6 +273,10 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                         world_size=rank.world_size, drop_last=drop_last, cache=caches.get("train"),
                                         run_ahead=True)
         train_batcher = batcher
+        if "train" in caches:
+            why = batch_crop.why_not(train_preset)
+            log.info("random crop: %s", "a batch at a time, in one call of train/crop_resize.c (the same pixels as "
+                     "image by image)" if why is None else f"image by image ({why})")
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=loader_pins,

@@ -52,12 +52,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(compiler: str, source: Path, runtime: Path | None, target: Path) -> None:
+def _compile(compiler: str, source: Path, cflags: tuple, runtime: Path | None, target: Path) -> None:
     """Compile into a temporary file and rename it into place: processes of one job may build at once."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / f"{source.stem}.o", Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *cflags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True)
         # Linked to torch's own runtime, not with -fopenmp (which links the system's libgomp): two
         # runtimes would keep two pools of spinning threads on the same cores.
         link = ([str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else ["-lgomp"])
@@ -66,10 +66,11 @@ def _compile(compiler: str, source: Path, runtime: Path | None, target: Path) ->
 
 
 class Kernels:
-    """The functions of one C file, built on first use. signatures: name -> (argtypes, restype)."""
+    """The functions of one C file, built on first use. signatures: name -> (argtypes, restype);
+    cflags: CFLAGS, or another target's (tests build each vector path of a file on one machine)."""
 
-    def __init__(self, source: Path, signatures: dict):
-        self.source, self.signatures = source, signatures
+    def __init__(self, source: Path, signatures: dict, cflags: tuple = CFLAGS):
+        self.source, self.signatures, self.cflags = source, signatures, tuple(cflags)
         self.reset()
 
     def reset(self) -> None:
@@ -86,7 +87,7 @@ class Kernels:
             self._why_not = "no C compiler (gcc) on this machine"
             return None
         runtime = openmp_runtime()
-        key = hashlib.sha256(b"\0".join([self.source.read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
+        key = hashlib.sha256(b"\0".join([self.source.read_bytes(), " ".join(self.cflags).encode(), compiler.encode(),
                                          str(runtime).encode(), _cpu_flags().encode()])).hexdigest()[:16]
         # A home that cannot be written (a read-only file system, another user's) falls back to a
         # directory of this user's under the temporary one.
@@ -96,7 +97,7 @@ class Kernels:
             target = root / f"{self.source.stem}-{key}.so"
             try:
                 if not target.exists():
-                    _compile(compiler, self.source, runtime, target)
+                    _compile(compiler, self.source, self.cflags, runtime, target)
                 lib = ctypes.CDLL(str(target))
                 break
             except subprocess.CalledProcessError as e:
