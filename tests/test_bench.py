@@ -2,8 +2,10 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -99,6 +101,34 @@ def test_training_benchmark_quick_run(tmp_path):
     assert 2.5 * frozen < full < 3 * frozen  # backward through the backbone: about twice its forward
     assert "of mm" in result.stdout and "matrix multiply rate" in result.stdout
     assert all("multiply rate)" in t["shown"] for t in report["targets"] if t["target"].endswith("full: default >= 3 x naive"))
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        time.sleep(0.02)
+        return torch.zeros(2), key[1]
+
+
+def test_settle_waits_for_a_run_ahead_loaders_prefetch():
+    """After an epoch a RunAhead's worker goes on into the next one; settle returns once every batch
+    it was asked for is made, so that the next configuration's turn has the cores to itself."""
+    from bench.train_throughput import settle
+    from train import data
+
+    loader = data.loader(_Slow(), data.EpochSampler(12, 0, True), 2, workers=1, run_ahead=True)
+    try:
+        assert len(list(loader.epoch(0))) == 6
+        it = loader._batches
+        waited = settle(loader)
+        assert waited > 0 and it._tasks_outstanding > 0 and it._data_queue.qsize() >= it._tasks_outstanding
+        assert [labels.tolist() for _, labels in loader.epoch(1)][0] == [k for _, k in data.EpochSampler(
+            12, 0, True).keys(1)[:2]]  # the prefetched batches are the next epoch's
+    finally:
+        loader.close()
+    assert settle(data.loader(_Slow(), data.EpochSampler(12, 0, True), 2, workers=0, run_ahead=True)) == 0.0
 
 
 def test_a_target_prints_what_decided_it():
