@@ -179,7 +179,8 @@ class Setup:
             return
         self.train = data.make_loader(train_ch, preset, batch, shuffle=True, seed=seed, workers=workers,
                                       pin_memory=loader_pins, drop_last=True, cache=caches.get("train"),
-                                      run_ahead=True, by_batch=config != "sample-crop")
+                                      run_ahead=True, by_batch=config != "sample-crop",
+                                      normalize=preset if device.type == "cpu" else None)
 
     def data_epoch(self, epoch: int) -> float:
         """The data path alone (data_path_rate) of this configuration's training loader. Set beside the

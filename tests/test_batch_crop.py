@@ -152,6 +152,34 @@ def test_a_batch_is_the_preset_image_by_image():
     assert not torch.equal(again, other)  # seeded per epoch and sample
 
 
+@needs_kernel
+def test_a_batch_normalized_in_the_kernel_is_the_batchers_normalize():
+    """On a CPU the train loader's batch comes out normalized (float32, channels-last), with the
+    values the Batcher's normalize gives the uint8 batch; the Batcher then only moves it."""
+    from train.engine import Batcher
+
+    preset = ClassificationPresetTrain(32)
+    plain, normalized = _cached_dataset(), _cached_dataset()
+    normalized.normalize = preset
+    keys = [(2, i) for i in (1, 8, 5)]
+    images, labels = data.collate(plain.__getitems__(keys))
+    floats, same_labels = data.collate(normalized.__getitems__(keys))
+    assert images.dtype == torch.uint8 and floats.dtype == torch.float32 and torch.equal(labels, same_labels)
+    for channels_last in (True, False):
+        batcher = Batcher(torch.device("cpu"), preset.normalize, channels_last)
+        want, _ = batcher(images, labels)
+        got, _ = batcher(floats, labels)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    for size in ((32, 32), (19, 45)):  # widths whose rows are no multiple of the kernel's 16 pixels
+        imgs = [normalized.cache[i] for i in range(4)]
+        torch.manual_seed(9)
+        draws = [preset.draw(*im.shape[-2:]) for im in imgs]
+        boxes, flips = [d[0] for d in draws], [d[1] for d in draws]
+        got = batch_crop.crop_resize(imgs, boxes, flips, size, normalize=preset)
+        want = preset.normalize(batch_crop.crop_resize(imgs, boxes, flips, size), channels_last=True)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=CL)
+
+
 def test_other_augmentations_and_uncached_channels_crop_image_by_image():
     assert not _cached_dataset("medium").crops_batches
     assert batch_crop.why_not(ClassificationPresetTrain(32, "heavy")) == \

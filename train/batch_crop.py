@@ -23,7 +23,7 @@ from .cache import interleaved
 
 SOURCE = Path(__file__).with_name("crop_resize.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES = {"imgcls_crop_resize": ((_I, _P, _I, _P, _I, _I, _P), ctypes.c_int),
+SIGNATURES = {"imgcls_crop_resize": ((_I, _P, _I, _P, _I, _I, _P, _P), ctypes.c_int),
               "imgcls_crop_resize_paths": ((), ctypes.c_int)}
 PERMUTE, GATHER = 1, 2  # imgcls_crop_resize_paths()
 KERNELS = native.Kernels(SOURCE, SIGNATURES)
@@ -47,10 +47,12 @@ def _interleaved(image: torch.Tensor) -> bool:
 
 
 def crop_resize(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool],
-                size: tuple[int, int]) -> torch.Tensor:
+                size: tuple[int, int], normalize=None) -> torch.Tensor:
     """uint8 (N, 3, *size) channels-last: image i cropped to boxes[i] (top, left, height, width),
     resized as torchvision's antialiased bilinear resize does, mirrored where flips[i]. images are
-    uint8 CHW over interleaved memory, as train.cache keeps them; others are copied so first."""
+    uint8 CHW over interleaved memory, as train.cache keeps them; others are copied so first.
+    normalize: a preset, whose normalize(batch, channels_last=True) the batch then comes out as
+    (float32, the same values), made while each image is still in the core's cache."""
     if not len(images) == len(boxes) == len(flips):
         raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(flips)} flips: one of each per image")
     for i, im in enumerate(images):
@@ -61,9 +63,14 @@ def crop_resize(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int
     meta = torch.tensor([[im.data_ptr(), im.shape[1], im.shape[2], im.stride(1), *box]
                          for im, box in zip(images, boxes, strict=True)], dtype=torch.int64)
     flags = torch.tensor(flips, dtype=torch.uint8)
-    out = torch.empty(len(images), size[0], size[1], 3, dtype=torch.uint8)
+    norm = None
+    if normalize is not None:  # the preset's own fp32 constants, as its normalize computes them
+        mean = torch.tensor(normalize.mean, dtype=torch.float32) * 255
+        norm = torch.cat([mean, 1.0 / (torch.tensor(normalize.std, dtype=torch.float32) * 255)])
+    out = torch.empty(len(images), size[0], size[1], 3, dtype=torch.uint8 if norm is None else torch.float32)
     status = KERNELS.library().imgcls_crop_resize(
-        len(images), meta.data_ptr(), meta.stride(0), flags.data_ptr(), size[0], size[1], out.data_ptr())
+        len(images), meta.data_ptr(), meta.stride(0), flags.data_ptr(), size[0], size[1],
+        None if norm is None else norm.data_ptr(), out.data_ptr())
     if status < 0:
         i = -1 - status
         raise ValueError(f"crop box {tuple(boxes[i])} is not inside image {i} of the batch ({tuple(images[i].shape)})")

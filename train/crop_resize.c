@@ -120,10 +120,11 @@ typedef struct {
     int precision;
     int32_t *offset;    /* per output: byte offset of its first tap in the row */
     int32_t *weight;    /* taps x out_w */
-    /* AVX-512 VBMI: per group of 8 outputs whose taps span at most 128 bytes, per pair of taps, two
-     * byte permutations of the 128 bytes from the group's first tap (r and g of the 8 outputs; b)
-     * and the pair's weights; fits[g] = 0 sends a group to the gathers. */
-    uint8_t *fits, *index;
+    /* Per group of 8 outputs: the taps its outputs use (up to the last non-zero weight: a filter's
+     * `taps` is its widest case); for AVX-512 VBMI, where they span at most 128 bytes, per pair of
+     * taps, two byte permutations of the 128 bytes from the group's first tap (r and g of the 8
+     * outputs; b) and the pair's weights; fits[g] = 0 sends a group to the gathers. */
+    uint8_t *used, *fits, *index;
     int32_t *pair_weight;
 } hplan_t;
 
@@ -133,6 +134,7 @@ typedef struct {
 static void hplan_free(hplan_t *h) {
     free(h->offset);
     free(h->weight);
+    free(h->used);
     free(h->fits);
     free(h->index);
     free(h->pair_weight);
@@ -148,10 +150,11 @@ static int hplan_make(const filter_t *f, int64_t in_size, int64_t out_w, hplan_t
     h->groups = out_w / GROUP;
     h->offset = malloc(sizeof(int32_t) * out_w);
     h->weight = calloc(out_w * f->taps, sizeof(int32_t));
+    h->used = calloc(h->groups + 1, 1);
     h->fits = calloc(h->groups + 1, 1);
     h->index = calloc((h->groups + 1) * pairs * 2 * 64, 1);
     h->pair_weight = calloc((h->groups + 1) * pairs * 16, sizeof(int32_t));
-    if (!h->offset || !h->weight || !h->fits || !h->index || !h->pair_weight) {
+    if (!h->offset || !h->weight || !h->used || !h->fits || !h->index || !h->pair_weight) {
         hplan_free(h);
         return 0;
     }
@@ -163,10 +166,16 @@ static int hplan_make(const filter_t *f, int64_t in_size, int64_t out_w, hplan_t
     }
     for (int64_t g = 0; g < h->groups; g++) {
         const int64_t x0 = g * GROUP;
+        int64_t used = 1;
+        for (int64_t x = x0; x < x0 + GROUP; x++)
+            for (int64_t j = 0; j < f->taps; j++)
+                if (h->weight[j * out_w + x] != 0 && j + 1 > used) used = j + 1;
+        h->used[g] = (uint8_t)used;
+        const int64_t used_pairs = (used + 1) / 2;
         /* the last tap's bytes of the last output, the padding tap's too */
-        if (h->offset[x0 + GROUP - 1] + 3 * 2 * pairs - h->offset[x0] > WINDOW) continue;
+        if (h->offset[x0 + GROUP - 1] + 3 * 2 * used_pairs - h->offset[x0] > WINDOW) continue;
         h->fits[g] = 1;
-        for (int64_t p = 0; p < pairs; p++) {
+        for (int64_t p = 0; p < used_pairs; p++) {
             uint8_t *index = h->index + (g * pairs + p) * 2 * 64;
             int32_t *w = h->pair_weight + (g * pairs + p) * 16;
             for (int64_t lane = 0; lane < 16; lane++) {
@@ -200,7 +209,7 @@ static inline void horizontal_group(const uint8_t *window, int64_t valid, const 
     __m512i rg = _mm512_set1_epi32(1 << (h->precision - 1)), b = rg;
     const uint8_t *index = h->index + g * pairs * 2 * 64;
     const int32_t *weight = h->pair_weight + g * pairs * 16;
-    for (int64_t p = 0; p < pairs; p++, index += 128, weight += 16) {
+    for (int64_t p = 0; p < (h->used[g] + 1) / 2; p++, index += 128, weight += 16) {
         const __m512i w = _mm512_loadu_si512(weight);
         const __m512i x_rg = _mm512_maskz_permutex2var_epi8(low_bytes, lo, _mm512_loadu_si512(index), hi);
         const __m512i x_b = _mm512_maskz_permutex2var_epi8(low_bytes, lo, _mm512_loadu_si512(index + 64), hi);
@@ -259,7 +268,7 @@ static void horizontal(const uint8_t *src, int64_t stride, int64_t y0, int64_t y
             const __m256i low = _mm256_set1_epi32(255);
             __m256i idx = _mm256_loadu_si256((const __m256i *)(h->offset + x0));
             __m256i vr = _mm256_set1_epi32(half), vg = vr, vb = vr;
-            for (int64_t j = 0; j < h->taps; j++) {
+            for (int64_t j = 0; j < h->used[grp]; j++) {
                 __m256i px = _mm256_i32gather_epi32((const int *)(row + j * 3), idx, 1);
                 __m256i w = _mm256_loadu_si256((const __m256i *)(h->weight + j * out_w + x0));
                 vr = _mm256_add_epi32(vr, _mm256_madd_epi16(_mm256_and_si256(px, low), w));
@@ -272,7 +281,7 @@ static void horizontal(const uint8_t *src, int64_t stride, int64_t y0, int64_t y
 #else
             for (int64_t x = x0; x < x0 + GROUP; x++) {
                 int32_t vr = half, vg = half, vb = half;
-                for (int64_t j = 0; j < h->taps; j++) {
+                for (int64_t j = 0; j < h->used[grp]; j++) {
                     const uint8_t *px = row + j * 3 + h->offset[x];
                     const int32_t w = h->weight[j * out_w + x];
                     vr += w * px[0], vg += w * px[1], vb += w * px[2];
@@ -301,8 +310,25 @@ static void vertical(const uint8_t *src, int64_t stride, int64_t first, const fi
         const int64_t n = f->count[y];
         uint8_t *out = dst + y * width;
         int64_t k = 0;
-#ifdef __AVX2__
+#ifdef __AVX512BW__
         /* Two rows per multiply-add: their bytes widened and interleaved, times (w_j, w_j+1). */
+        for (; k + 32 <= width; k += 32) {
+            __m512i lo = _mm512_set1_epi32(half), hi = lo;
+            for (int64_t j = 0; j < n; j += 2) {
+                __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rows + j * stride + k)));
+                __m512i b = j + 1 < n ? _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(rows + (j + 1) * stride + k)))
+                                      : _mm512_setzero_si512();
+                int32_t w1 = j + 1 < n ? w[j + 1] : 0;
+                __m512i wp = _mm512_set1_epi32((int32_t)((uint32_t)w1 << 16 | (uint16_t)w[j]));
+                lo = _mm512_add_epi32(lo, _mm512_madd_epi16(_mm512_unpacklo_epi16(a, b), wp));
+                hi = _mm512_add_epi32(hi, _mm512_madd_epi16(_mm512_unpackhi_epi16(a, b), wp));
+            }
+            /* unpack and pack both work within 128-bit lanes: the int16s come back in order. */
+            __m512i v = _mm512_packs_epi32(_mm512_srai_epi32(lo, f->precision), _mm512_srai_epi32(hi, f->precision));
+            _mm256_storeu_si256((__m256i *)(out + k), _mm512_cvtusepi16_epi8(v));
+        }
+#endif
+#ifdef __AVX2__
         for (; k + 16 <= width; k += 16) {
             __m256i lo = _mm256_set1_epi32(half), hi = lo;
             for (int64_t j = 0; j < n; j += 2) {
@@ -387,29 +413,51 @@ done:
     return ok;
 }
 
+/* dst[k] = (src[k] - mean[k % 3]) * inv_std[k % 3] in fp32, as torch computes the preset's
+ * normalize (a subtraction, then a multiplication, each rounded). 48 values, 16 pixels, at a time:
+ * the channel pattern repeats, and the compiler vectorizes the fixed-length inner loop. */
+static void normalize(const uint8_t *restrict src, int64_t count, const float *norm, float *restrict dst) {
+    float mean[48], inv_std[48];
+    for (int i = 0; i < 48; i++) mean[i] = norm[i % 3], inv_std[i] = norm[3 + i % 3];
+    int64_t k = 0;
+    for (; k + 48 <= count; k += 48)
+        for (int i = 0; i < 48; i++) dst[k + i] = ((float)src[k + i] - mean[i]) * inv_std[i];
+    for (; k < count; k++) dst[k] = ((float)src[k] - mean[k % 3]) * inv_std[k % 3];
+}
+
 /* n images, row i of meta (row stride meta_stride) = the image's first pixel (3 interleaved
  * channels), its rows, its columns, its row stride in bytes, then its box: top, left, height,
- * width; mirrored when flips[i]. out holds n images of out_h x out_w x 3. Returns 0; -1 - i when
+ * width; mirrored when flips[i]. out holds n images of out_h x out_w x 3: uint8, or with norm
+ * (mean x 255 and 1 / (std x 255) of the 3 channels) float, normalized. Returns 0; -1 - i when
  * image i's box is not inside it; 1 + i when memory ran out for image i. */
 int imgcls_crop_resize(int64_t n, const int64_t *meta, int64_t meta_stride, const uint8_t *flips,
-                       int64_t out_h, int64_t out_w, uint8_t *out) {
+                       int64_t out_h, int64_t out_w, const float *norm, void *out) {
     for (int64_t i = 0; i < n; i++) {
         const int64_t *m = meta + i * meta_stride, *b = m + 4;
         if (b[0] < 0 || b[1] < 0 || b[2] < 1 || b[3] < 1 || b[0] + b[2] > m[1] || b[1] + b[3] > m[2] ||
             m[3] < m[2] * 3)
             return (int)(-1 - i);
     }
+    const int64_t size = out_h * out_w * 3;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t *m = meta + i * meta_stride, *b = m + 4;
-        const uint8_t *base = (const uint8_t *)(intptr_t)m[0];
-        const uint8_t *end = base + (m[1] - 1) * m[3] + m[2] * 3;
-        if (!crop_one(base + b[0] * m[3] + b[1] * 3, m[3], end, b[2], b[3], flips[i], out_h, out_w,
-                      out + i * out_h * out_w * 3)) {
+#pragma omp parallel
+    {
+        /* each thread's uint8 image, normalized from there into out */
+        uint8_t *mine = norm ? malloc((size_t)size) : NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t *m = meta + i * meta_stride, *b = m + 4;
+            const uint8_t *base = (const uint8_t *)(intptr_t)m[0];
+            const uint8_t *end = base + (m[1] - 1) * m[3] + m[2] * 3;
+            uint8_t *dst = norm ? mine : (uint8_t *)out + i * size;
+            if (!dst || !crop_one(base + b[0] * m[3] + b[1] * 3, m[3], end, b[2], b[3], flips[i], out_h, out_w, dst)) {
 #pragma omp critical
-            if (!failed || i + 1 < failed) failed = (int)(i + 1);
+                if (!failed || i + 1 < failed) failed = (int)(i + 1);
+                continue;
+            }
+            if (norm) normalize(dst, size, norm, (float *)out + i * size);
         }
+        free(mine);
     }
     return failed;
 }

@@ -200,10 +200,14 @@ def collate(items):
 class ImageDataset(Dataset):
     """(transform(image), label); images come from the files, or from `cache` (train.cache) when given.
     A batch of cached images for the train preset at augment=light is cropped in one call
-    (train.batch_crop), to the same pixels; by_batch=False keeps the crops image by image."""
+    (train.batch_crop), to the same pixels; by_batch=False keeps the crops image by image. normalize:
+    a preset whose normalize such a batch then comes out through (float32 channels-last, the same
+    values), for a Batcher on the CPU; other batches stay uint8."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0, cache=None, by_batch: bool = True):
+    def __init__(self, samples: list[tuple[Path, int]], transform, seed: int = 0, cache=None, by_batch: bool = True,
+                 normalize=None):
         self.samples, self.transform, self.seed, self.cache = samples, transform, seed, cache
+        self.normalize = normalize
         self.crops_batches = by_batch and cache is not None and batch_crop.why_not(transform) is None
 
     def __getitems__(self, keys: list) -> list | Collated:
@@ -217,7 +221,7 @@ class ImageDataset(Dataset):
             box, flip = self.transform.draw(*image.shape[-2:])
             images.append(image), boxes.append(box), flips.append(flip), labels.append(self.samples[index][1])
         size = (self.transform.crop_size, self.transform.crop_size)
-        return Collated((batch_crop.crop_resize(images, boxes, flips, size), torch.tensor(labels)))
+        return Collated((batch_crop.crop_resize(images, boxes, flips, size, self.normalize), torch.tensor(labels)))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -327,8 +331,8 @@ def loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, *, workers:
 
 def make_loader(channel: Channel, transform, batch_size: int, *, shuffle: bool, seed: int,
                 workers: int, pin_memory: bool, drop_last: bool = False, rank: int = 0,
-                world_size: int = 1, cache=None, run_ahead: bool = False, by_batch: bool = True):
-    """run_ahead: a RunAhead, for a training run's train channel. by_batch: as ImageDataset's."""
+                world_size: int = 1, cache=None, run_ahead: bool = False, by_batch: bool = True, normalize=None):
+    """run_ahead: a RunAhead, for a training run's train channel. by_batch, normalize: as ImageDataset's."""
     sampler = EpochSampler(len(channel.samples), seed, shuffle, rank, world_size)
-    return loader(ImageDataset(channel.samples, transform, seed, cache, by_batch), sampler, batch_size, workers=workers,
+    return loader(ImageDataset(channel.samples, transform, seed, cache, by_batch, normalize), sampler, batch_size, workers=workers,
                   pin_memory=pin_memory, drop_last=drop_last, run_ahead=run_ahead)

@@ -47,7 +47,8 @@ def autocast(device: torch.device, precision: Precision):
 
 @dataclass
 class Batcher:
-    """Moves a uint8 batch to the device and normalizes it there. pin: copy the batch into page-locked
+    """Moves a uint8 batch to the device and normalizes it there; a float batch, which the loader
+    normalized already (train.batch_crop, on a CPU), only moves. pin: copy the batch into page-locked
     memory first, in the calling thread, so that its copy to the GPU runs alongside the GPU's work
     (train.data.GPU_PINNING says where a job pins)."""
     device: torch.device
@@ -60,6 +61,9 @@ class Batcher:
             images, labels = images.pin_memory(), labels.pin_memory()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        if images.is_floating_point():
+            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+            return images.contiguous(memory_format=memory_format), labels
         return self.normalize(images, channels_last=self.channels_last), labels
 
 

@@ -271,12 +271,13 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         train_loader = data.make_loader(splits.train, train_preset, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                         workers=workers, pin_memory=loader_pins, rank=rank.rank,
                                         world_size=rank.world_size, drop_last=drop_last, cache=caches.get("train"),
-                                        run_ahead=True)
+                                        run_ahead=True, normalize=None if on_gpu else train_preset)
         train_batcher = batcher
         if "train" in caches:
             why = batch_crop.why_not(train_preset)
             log.info("random crop: %s", "a batch at a time, in one call of train/crop_resize.c (the same pixels as "
-                     "image by image)" if why is None else f"image by image ({why})")
+                     f"image by image){'' if on_gpu else ', normalized in the same pass'}" if why is None
+                     else f"image by image ({why})")
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=loader_pins,
