@@ -117,11 +117,6 @@ def job_convs(setup: Setup, model, batch: int, size: int) -> list[str]:
     return swapped
 
 
-def already_normalized(images, dtype=torch.float32, channels_last=False):
-    """The naive loader hands over float tensors that PIL transforms already normalized."""
-    return images.to(dtype)
-
-
 class NaiveDataset(Dataset):
     """What course notebooks do: open with PIL, transform each sample on PIL, ToTensor, Normalize."""
 
@@ -154,7 +149,7 @@ class Setup:
             self.train = DataLoader(NaiveDataset(train_ch.samples, size, True), batch, shuffle=True, generator=g,
                                     drop_last=True)
             self.valid = DataLoader(NaiveDataset(valid_ch.samples, size, False), 2 * batch) if valid_ch else None
-            self.batcher = Batcher(device, already_normalized, False)
+            self.batcher = Batcher(device, preset.normalize, False)  # its float batches, normalized by PIL's path, only move
             self.train_batcher = self.batcher
             self.cache_seconds = 0.0
             return

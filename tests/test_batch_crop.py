@@ -180,6 +180,38 @@ def test_a_batch_normalized_in_the_kernel_is_the_batchers_normalize():
         assert torch.equal(got, want) and got.is_contiguous(memory_format=CL)
 
 
+@needs_kernel
+def test_without_byte_permutations_one_thread_crops_image_by_image(monkeypatch):
+    """The gathers alone (AVX2) lose to torch's resize on one thread (a loader worker's): there the
+    batch is cropped image by image, and the Batcher normalizes it; with two threads, in one call."""
+    if platform.machine() != "x86_64" or not _cpu_has("avx2"):
+        pytest.skip("builds the AVX2 path")
+    march = tuple("-march=x86-64-v3" if f == "-march=native" else f for f in native.CFLAGS)
+    monkeypatch.setattr(batch_crop, "KERNELS", native.Kernels(batch_crop.SOURCE, batch_crop.SIGNATURES, march))
+    dataset = _cached_dataset()
+    dataset.normalize = dataset.transform
+    keys = [(0, 1), (0, 6)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not batch_crop.faster_here()
+        images, _ = data.collate(dataset.__getitems__(keys))
+        torch.set_num_threads(2)
+        assert batch_crop.faster_here()
+        floats, _ = data.collate(dataset.__getitems__(keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert images.dtype == torch.uint8 and floats.dtype == torch.float32
+    assert torch.equal(dataset.transform.normalize(images, channels_last=True), floats)
+    if _cpu_has("avx512vbmi"):
+        monkeypatch.setattr(batch_crop, "KERNELS", native.Kernels(batch_crop.SOURCE, batch_crop.SIGNATURES))
+        torch.set_num_threads(1)
+        try:
+            assert batch_crop.faster_here()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def test_other_augmentations_and_uncached_channels_crop_image_by_image():
     assert not _cached_dataset("medium").crops_batches
     assert batch_crop.why_not(ClassificationPresetTrain(32, "heavy")) == \

@@ -211,7 +211,7 @@ class ImageDataset(Dataset):
         self.crops_batches = by_batch and cache is not None and batch_crop.why_not(transform) is None
 
     def __getitems__(self, keys: list) -> list | Collated:
-        if not self.crops_batches:
+        if not self.crops_batches or not batch_crop.faster_here():
             return [self[key] for key in keys]
         images, boxes, flips, labels = [], [], [], []
         for key in keys:

@@ -275,9 +275,13 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         train_batcher = batcher
         if "train" in caches:
             why = batch_crop.why_not(train_preset)
+            permutes = why is None and batch_crop.KERNELS.library().imgcls_crop_resize_paths() & batch_crop.PERMUTE
+            in_workers = "" if permutes or workers == 0 else (
+                "; image by image in the loader workers, which run one thread: without AVX-512 VBMI the kernel "
+                "beats torch's resize only on several")
             log.info("random crop: %s", "a batch at a time, in one call of train/crop_resize.c (the same pixels as "
-                     f"image by image){'' if on_gpu else ', normalized in the same pass'}" if why is None
-                     else f"image by image ({why})")
+                     f"image by image){'' if on_gpu else ', normalized in the same pass'}{in_workers}"
+                     if why is None else f"image by image ({why})")
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
     eval_loaders = {c.name: data.make_loader(c, data.identity if c.name in caches else eval_preset, eval_bs,
                                              shuffle=False, seed=cfg.seed, workers=workers, pin_memory=loader_pins,
