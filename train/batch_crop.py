@@ -42,13 +42,18 @@ def why_not(preset) -> str | None:
     return None
 
 
+def permutes() -> bool:
+    """Whether the built kernel has the byte-permutation path (AVX-512 VBMI)."""
+    lib = KERNELS.library()
+    return lib is not None and bool(lib.imgcls_crop_resize_paths() & PERMUTE)
+
+
 def faster_here() -> bool:
     """Whether a call on this thread's share of the cores beats torch's resize image by image:
     with its byte permutations (AVX-512 VBMI) on one thread too (0.085 against 0.150 ms an image,
     AMX, 128 px); with gathers alone (AVX2) only with the batch split among threads (0.167 on one
     thread, 0.088 on two): not in a data-loader worker, which torch runs on one thread."""
-    lib = KERNELS.library()
-    return lib is not None and bool(lib.imgcls_crop_resize_paths() & PERMUTE or torch.get_num_threads() > 1)
+    return KERNELS.library() is not None and (permutes() or torch.get_num_threads() > 1)
 
 
 def _interleaved(image: torch.Tensor) -> bool:

@@ -275,8 +275,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         train_batcher = batcher
         if "train" in caches:
             why = batch_crop.why_not(train_preset)
-            permutes = why is None and batch_crop.KERNELS.library().imgcls_crop_resize_paths() & batch_crop.PERMUTE
-            in_workers = "" if permutes or workers == 0 else (
+            in_workers = "" if why is not None or batch_crop.permutes() or workers == 0 else (
                 "; image by image in the loader workers, which run one thread: without AVX-512 VBMI the kernel "
                 "beats torch's resize only on several")
             log.info("random crop: %s", "a batch at a time, in one call of train/crop_resize.c (the same pixels as "
