@@ -17,7 +17,7 @@ from PIL import Image
 from imgcls import artifact, quantize
 from imgcls.errors import ArtifactError, ClassifierError
 from imgcls.hardware import fast_bf16
-from imgcls.images import DEFAULT_MAX_PIXELS, image_from_array, open_image
+from imgcls.images import DEFAULT_MAX_PIXELS, decode, image_from_array
 from imgcls.inference import InferenceModel
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
@@ -110,12 +110,13 @@ class Predictor:
             kwargs["int8_model"] = artifact.load_int8(model_dir)
         return cls(model, card, device, has_int8=has_int8, **kwargs)
 
-    def decode(self, source) -> Image.Image:
+    def decode(self, source) -> Image.Image | torch.Tensor:
+        """An RGB image, or the uint8 tensor of an encoded one (imgcls.images.decode)."""
         if isinstance(source, Image.Image):
             return source
         if isinstance(source, np.ndarray):
             return image_from_array(source, self.max_pixels)
-        return open_image(bytes(source), max_pixels=self.max_pixels, draft_size=self.preset.decode_size)
+        return decode(bytes(source), max_pixels=self.max_pixels, draft_size=self.preset.decode_size)
 
     def preprocess(self, sources) -> torch.Tensor:
         """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""

@@ -258,7 +258,9 @@ def test_loader_probe_quick_run(tmp_path):
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["source"], r["workers"], r["pinning"]) for r in rows] == [
-        (s, w, p) for s in ("cached", "uncached") for w in (2, 1) for p in ("thread", "main", "off")]
+        (s, w, p) for s in ("cached", "uncached", "uncached-pillow") for w in (2, 1) for p in ("thread", "main", "off")]
+    assert set(report["decode_once_s"]) == {"default", "pillow"} and min(report["decode_once_s"].values()) > 0
+    assert "through Pillow" in result.stdout
     for r in rows:
         assert r["img_s"] > 0 and r["first_epoch_img_s"] > 0 and r["shutdown_s"] >= 0
         assert 0 < r["first_batch_s"] < len(r["rounds"]) * report["steps"] * report["batch_size"] / r["img_s"]

@@ -2,10 +2,12 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from imgcls import images
 from imgcls.errors import ImageDecodeError, ImageTooLargeError
-from imgcls.images import open_image
+from imgcls.images import decode, open_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -89,6 +91,91 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_the_same_result():
     assert ClassificationPresetEval.from_dict(preset.to_dict()).decode_size == 512
     legacy = {k: v for k, v in preset.to_dict().items() if k != "decode_size"}  # artifacts before decode_size
     assert ClassificationPresetEval.from_dict(legacy).decode_size is None
+
+
+def _photo(size, seed=0, mode="RGB") -> Image.Image:
+    """Edges and gradients at every scale, so that subsampling, IDCT and upsampling all show."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (max(1, size[1] // 7), max(1, size[0] // 7), 3), dtype=np.uint8))
+    return small.resize(size, Image.BICUBIC).convert(mode)
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+# (name, the encoded image, whether libjpeg-turbo through torchvision decodes it: the fast path)
+DECODE_CASES = [
+    ("4:2:0", encode(_photo((501, 377)), "JPEG", quality=90), True),
+    ("4:4:4", encode(_photo((64, 48), 1), "JPEG", quality=75, subsampling=0), True),
+    ("4:2:2", encode(_photo((65, 47), 2), "JPEG", quality=85, subsampling=1), True),
+    ("progressive", encode(_photo((120, 90), 3), "JPEG", quality=85, progressive=True), True),
+    ("optimized", encode(_photo((120, 90), 4), "JPEG", quality=95, optimize=True), True),
+    ("restart markers", encode(_photo((130, 70), 5), "JPEG", restart_marker_blocks=3), True),
+    ("grayscale", encode(_photo((90, 60), 6, "L"), "JPEG"), True),
+    ("1x1", encode(_photo((1, 1), 7), "JPEG"), True),
+    ("17x3", encode(_photo((17, 3), 8), "JPEG"), True),
+    ("orientation 1", encode(_photo((40, 30), 9), "JPEG", exif=_orientation(1)), True),
+    ("orientation 6", encode(_photo((40, 30), 9), "JPEG", exif=_orientation(6)), False),
+    ("CMYK", encode(_photo((40, 30), 10, "CMYK"), "JPEG"), False),
+    ("PNG", encode(_photo((40, 30), 11), "PNG"), False),
+]
+
+
+@pytest.mark.parametrize("name,data,fast", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_is_open_image_to_the_pixel(name, data, fast, tmp_path):
+    """decode is what the presets see in training and serving: pil_to_tensor(open_image), from bytes
+    and from a file, whichever decoder it takes; and plain JPEGs take the fast one."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    reference = pil_to_tensor(open_image(data))
+    for source in (data, path, str(path)):
+        out = decode(source)
+        assert out.dtype == torch.uint8 and out.stride()[0] == 1, "interleaved, as pil_to_tensor gives it"
+        assert torch.equal(out, reference), name
+    assert (images._plain_jpeg(data, images.DEFAULT_MAX_PIXELS, None) is not None) == fast
+
+
+@pytest.mark.parametrize("size", [(1023, 1100), (1024, 1100), (1100, 1024), (2048, 1500)])
+def test_decode_leaves_the_reduced_scale_to_pillow(size):
+    """Where draft_size lets libjpeg decode at 1/2 or less (both sides at least twice it), Pillow
+    decodes: torchvision.io has no DCT scaling. Just below, the fast path gives full-scale pixels."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    data = encode(_photo(size, 12), "JPEG", quality=80)
+    out = decode(data, draft_size=512)
+    assert torch.equal(out, pil_to_tensor(open_image(data, draft_size=512)))
+    reduced = min(size) >= 1024
+    assert out.shape[1:] == ((size[1] // 2, size[0] // 2) if reduced else (size[1], size[0]))
+    assert (images._plain_jpeg(data, images.DEFAULT_MAX_PIXELS, 512) is None) == reduced
+
+
+@pytest.mark.parametrize("data,error,fragment", [
+    (b"", ImageDecodeError, "empty"),
+    (b"\xff\xd8\xffnot a jpeg after its first bytes", ImageDecodeError, "not an image"),
+    (DECODE_CASES[0][1][: len(DECODE_CASES[0][1]) // 2], ImageDecodeError, "corrupt or truncated"),
+    (DECODE_CASES[0][1][:300], ImageDecodeError, "corrupt or truncated"),
+    (DECODE_CASES[0][1], ImageTooLargeError, "over the limit"),
+])
+def test_decode_errors_are_open_images(data, error, fragment):
+    """A file the fast path cannot take gets open_image's error, not torchvision's (and a truncated
+    JPEG is never padded with grey)."""
+    kwargs = {"max_pixels": 1000} if error is ImageTooLargeError else {}
+    with pytest.raises(error, match=fragment):
+        decode(data, **kwargs)
+
+
+def test_decode_without_torchvision_decoders(monkeypatch):
+    """torchvision deprecates its decoders (0.29): without them Pillow decodes everything."""
+    data = DECODE_CASES[0][1]
+    fast = decode(data)
+    monkeypatch.setattr(images, "decode_jpeg", None)
+    assert images._plain_jpeg(data, images.DEFAULT_MAX_PIXELS, None) is None
+    assert torch.equal(decode(data), fast)
 
 
 @pytest.mark.parametrize("augment", ["light", "medium", "heavy"])

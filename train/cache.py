@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from imgcls.errors import ClassifierError
-from imgcls.images import open_image
+from imgcls.images import decode
 
 MEMORY_SHARE = 0.25
 
@@ -105,13 +105,12 @@ def interleaved(img: torch.Tensor) -> torch.Tensor:
 
 class DecodedImages:
     """uint8 CHW tensors over interleaved memory, one per sample, each `prepare(decoded image)`;
-    decoded by a thread pool (Pillow releases the GIL while decoding)."""
+    decoded by a thread pool (both of imgcls.images' decoders release the GIL)."""
 
     def __init__(self, paths: list[Path], prepare, threads: int, draft_size: int | None = None):
         def load(path: Path) -> torch.Tensor:
             try:
-                image = open_image(path, draft_size=draft_size)
-                return interleaved(prepare(T.functional.pil_to_tensor(image)))
+                return interleaved(prepare(decode(path, draft_size=draft_size)))
             except ClassifierError as exc:  # the file changed after the scan
                 raise CacheError(f"{path} became unreadable before training: {exc}") from None
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imgcls.errors import ClassifierError
-from imgcls.images import IMAGE_EXTENSIONS, is_image_name, open_image
+from imgcls.images import IMAGE_EXTENSIONS, decode, is_image_name, open_image
 
 from . import batch_crop
 
@@ -233,7 +233,7 @@ class ImageDataset(Dataset):
         if self.cache is not None:
             return self.transform(self.cache[index]), label
         try:
-            image = open_image(path, draft_size=getattr(self.transform, "decode_size", None))
+            image = decode(path, draft_size=getattr(self.transform, "decode_size", None))
         except ClassifierError as exc:  # the file changed after the scan
             raise DataError(f"{path} became unreadable during training: {exc}") from None
         return self.transform(image), label

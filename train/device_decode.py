@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2.functional import pil_to_tensor
 
-from imgcls.images import open_image
+from imgcls.images import decode
 
 from .data import Channel, EpochSampler, loader, seed_sample
 
@@ -105,4 +104,4 @@ class DeviceDecoder:
 
 def _cpu_decode(data: bytes) -> torch.Tensor:
     """uint8 CHW, decoded as the worker path decodes (upright RGB)."""
-    return pil_to_tensor(open_image(data))
+    return decode(data)
