@@ -35,9 +35,12 @@ that rate; the 3x-naive target also prints the most any configuration in the row
 reach against naive, were all its arithmetic to run at the multiply's rate.
 Accuracy: resnet18 trained naive and default from scratch on the same shapes dataset (32 px, 1800
 train / 600 valid images), for the same epochs and with a job's schedule, over ten seeds (mean,
-run-to-run sd, standard error). Frozen accuracy: the same, with freeze=backbone on a backbone
-trained beforehand on other images of four of the six shapes (no pretrained weights can be
-downloaded here); the default's frozen backbone runs in int8 there (frozen-trunk=auto on a CPU).
+run-to-run sd, standard error). A seed's naive run takes the default's order of samples and
+draws each crop and flip from the same per-sample seed (train.data.EpochSampler): the two differ
+in how they compute, not in what they see, and the difference is paired by seed. Frozen
+accuracy: the same, with freeze=backbone on a backbone trained beforehand on other images of four
+of the six shapes (no pretrained weights can be downloaded here); the default's frozen backbone
+runs in int8 there (frozen-trunk=auto on a CPU).
 Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
 valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/train_throughput.json.
 """
@@ -118,10 +121,13 @@ def job_convs(setup: Setup, model, batch: int, size: int) -> list[str]:
 
 
 class NaiveDataset(Dataset):
-    """What course notebooks do: open with PIL, transform each sample on PIL, ToTensor, Normalize."""
+    """What course notebooks do: open with PIL, transform each sample on PIL, ToTensor, Normalize.
+    seed: take a job's (epoch, index) keys (train.data.EpochSampler) and draw each sample's crop and
+    flip from its seed, as a job's loader does; the transforms then draw the job's boxes, which they
+    resample through PIL instead of torch."""
 
-    def __init__(self, samples, size: int, train: bool):
-        self.samples = samples
+    def __init__(self, samples, size: int, train: bool, seed: int | None = None):
+        self.samples, self.seed = samples, seed
         steps = ([V1.RandomResizedCrop(size, scale=(0.25, 1.0)), V1.RandomHorizontalFlip()] if train
                  else [V1.Resize(round(size / 0.875)), V1.CenterCrop(size)])
         self.transform = V1.Compose([*steps, V1.ToTensor(), V1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -129,25 +135,35 @@ class NaiveDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
-        path, label = self.samples[i]
+    def __getitem__(self, key):
+        if self.seed is not None:
+            epoch, key = key
+            data.seed_sample(self.seed, epoch, key)
+        path, label = self.samples[key]
         with Image.open(path) as img:
             return self.transform(img.convert("RGB")), label
 
 
 class Setup:
-    """One configuration's loaders, batcher and precision for a channel pair."""
+    """One configuration's loaders, batcher and precision for a channel pair. same_draws: naive
+    trains on the job's order of samples with the job's crops and flips (the accuracy parts), so
+    that a seed's naive and default runs differ only in how they compute."""
 
-    def __init__(self, config: str, train_ch, valid_ch, size: int, batch: int, workers: int, device, seed=0):
+    def __init__(self, config: str, train_ch, valid_ch, size: int, batch: int, workers: int, device, seed=0,
+                 same_draws: bool = False):
         self.config, self.device = config, device
         self.channels_last = fast(config)
         self.precision = choose_precision("auto" if fast(config) else "fp32", device)
         preset = ClassificationPresetTrain(size, "light")
         eval_preset = ClassificationPresetEval(size)
         if config == "naive":
-            g = torch.Generator().manual_seed(seed)
-            self.train = DataLoader(NaiveDataset(train_ch.samples, size, True), batch, shuffle=True, generator=g,
-                                    drop_last=True)
+            if same_draws:
+                self.train = DataLoader(NaiveDataset(train_ch.samples, size, True, seed), batch, drop_last=True,
+                                        sampler=data.EpochSampler(len(train_ch.samples), seed, shuffle=True))
+            else:
+                g = torch.Generator().manual_seed(seed)
+                self.train = DataLoader(NaiveDataset(train_ch.samples, size, True), batch, shuffle=True,
+                                        generator=g, drop_last=True)
             self.valid = DataLoader(NaiveDataset(valid_ch.samples, size, False), 2 * batch) if valid_ch else None
             self.batcher = Batcher(device, preset.normalize, False)  # its float batches, normalized by PIL's path, only move
             self.train_batcher = self.batcher
@@ -465,7 +481,8 @@ def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: 
     for config in ("naive", "default"):
         runs = []
         for seed in args.acc_seeds:
-            setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, workers[config], device, seed)
+            setup = Setup(config, train_ch, valid_ch, args.acc_size, 32, workers[config], device, seed,
+                          same_draws=True)
             model, frozen, opt = build("resnet18", 6, freeze, setup.channels_last, device, seed=seed,
                                        backbone=backbone)
             job_convs(setup, model, 32, args.acc_size)
@@ -494,12 +511,23 @@ def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: 
         int8_accs = [r["valid_acc_int8_trunk"] for r in runs if r["int8_trunk"]]
         out[config]["valid_acc_int8_trunk"] = statistics.fmean(int8_accs) if int8_accs else None
     out["default_minus_naive"] = out["default"]["valid_acc"] - out["naive"]["valid_acc"]
-    # Runs of one seed are not paired: a different data path or precision sends training on another
-    # trajectory. So the difference's standard error is that of two independent means.
-    sds = [out[c]["sd"] for c in ("naive", "default")]
-    out["difference_se"] = (math.sqrt(sum(sd**2 for sd in sds) / len(args.acc_seeds))
-                            if None not in sds else None)
+    # A seed's two runs train on the same images, crops and flips in the same order (same_draws), so
+    # the difference is taken seed by seed: what is left of it is how they compute. With each drawing
+    # its own crops, the draws alone moved naive's mean over thirty seeds by 0.004 (docs/benchmarks.md).
+    paired = list(zip(out["default"]["runs"], out["naive"]["runs"], strict=True))
+    out["difference_sd"], out["difference_se"] = _paired([d["valid_acc"] - n["valid_acc"] for d, n in paired])
+    through = [d["valid_acc_int8_trunk"] - n["valid_acc"] for d, n in paired if d["int8_trunk"]]
+    out["int8_trunk_minus_naive"] = statistics.fmean(through) if through else None
+    out["int8_trunk_difference_se"] = _paired(through)[1] if through else None
     return out
+
+
+def _paired(differences: list[float]) -> tuple[float | None, float | None]:
+    """(sd, standard error of the mean) of per-seed differences; None for fewer than two."""
+    if len(differences) < 2:
+        return None, None
+    sd = statistics.stdev(differences)
+    return sd, sd / math.sqrt(len(differences))
 
 
 def _ratio(value: float, met: bool, threshold: float) -> str:
@@ -536,8 +564,8 @@ def targets(rows: list[dict], accs: list[dict], on_gpu: bool = False) -> list[di
         found.append(_target(f"resnet18 {mode}, {acc['epochs']} epochs, {len(acc['seeds'])} seeds: default mean "
                              "valid accuracy >= naive", acc["default_minus_naive"], acc["default_minus_naive"] >= 0,
                              f"{acc['default']['valid_acc']:.3f} vs {acc['naive']['valid_acc']:.3f} "
-                             f"({acc['default_minus_naive']:+.3f}"
-                             + (f", standard error {se:.3f})" if se is not None else ")")))
+                             f"({acc['default_minus_naive']:+.4f}"
+                             + (f", standard error {se:.4f}, paired by seed)" if se is not None else ")")))
     for r in rows:  # the GPU target: JPEGs decoded every epoch (no decode-once) keep up with the model
         if on_gpu and r["config"] in ("uncached", "gpu-decode"):
             name = f"GPU {r['arch']} {r['freeze']} {r['config']}"
@@ -672,8 +700,12 @@ def print_accuracy(acc: dict) -> None:
         print(f"  default through its int8 trunk, as trained ({trunks} of {len(acc['seeds'])} runs): "
               f"{acc['default']['valid_acc_int8_trunk']:.3f}")
     if acc["difference_se"] is not None:
-        print(f"  default - naive {acc['default_minus_naive']:+.3f}, standard error {acc['difference_se']:.3f} "
-              f"(run-to-run sd: naive {acc['naive']['sd']:.3f}, default {acc['default']['sd']:.3f})")
+        print(f"  default - naive {acc['default_minus_naive']:+.4f}, standard error {acc['difference_se']:.4f} "
+              f"(paired by seed: the same draws; run-to-run sd: naive {acc['naive']['sd']:.3f}, "
+              f"default {acc['default']['sd']:.3f})")
+    if acc["int8_trunk_difference_se"] is not None:
+        print(f"  through the int8 trunk - naive {acc['int8_trunk_minus_naive']:+.4f}, "
+              f"standard error {acc['int8_trunk_difference_se']:.4f}")
 
 
 if __name__ == "__main__":

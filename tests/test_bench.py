@@ -67,7 +67,11 @@ def test_training_benchmark_quick_run(tmp_path):
     for config in ("naive", "default"):  # the spread over seeds, from the runs the report lists
         accs = [r["valid_acc"] for r in acc[config]["runs"]]
         assert len(accs) == len(acc["seeds"]) == 2 and acc[config]["sd"] == pytest.approx(statistics.stdev(accs))
-    assert acc["difference_se"] == pytest.approx(((acc["naive"]["sd"]**2 + acc["default"]["sd"]**2) / 2) ** 0.5)
+    # paired by seed: the spread of the per-seed differences, not of two independent means
+    diffs = [d["valid_acc"] - n["valid_acc"]
+             for d, n in zip(acc["default"]["runs"], acc["naive"]["runs"], strict=True)]
+    assert acc["default_minus_naive"] == pytest.approx(statistics.fmean(diffs))
+    assert acc["difference_se"] == pytest.approx(statistics.stdev(diffs) / 2 ** 0.5)
     assert "standard error" in result.stdout
     # end to end and vs naive for each default and the int8 trunk, then accuracy, full and frozen
     assert len(report["targets"]) == 8 and all(isinstance(t["met"], bool) for t in report["targets"])
@@ -76,8 +80,8 @@ def test_training_benchmark_quick_run(tmp_path):
     assert all(f"{t['target']}: {t['shown']}" in result.stdout for t in report["targets"])
     # an accuracy target shows both means and the signed difference, not a rounded 0.00
     assert report["targets"][-2]["shown"].startswith(
-        f"{acc['default']['valid_acc']:.3f} vs {acc['naive']['valid_acc']:.3f} ({acc['default_minus_naive']:+.3f}, "
-        f"standard error {acc['difference_se']:.3f})")
+        f"{acc['default']['valid_acc']:.3f} vs {acc['naive']['valid_acc']:.3f} ({acc['default_minus_naive']:+.4f}, "
+        f"standard error {acc['difference_se']:.4f}, paired by seed)")
     # the table's precision column names the int8 trunk
     int8_rows = [line.split() for line in result.stdout.splitlines() if line.startswith("resnet18  frozen  int8-trunk ")]
     assert len(int8_rows) == 1 and int8_rows[0][3].startswith("int8/")
@@ -129,6 +133,44 @@ def test_settle_waits_for_a_run_ahead_loaders_prefetch():
     finally:
         loader.close()
     assert settle(data.loader(_Slow(), data.EpochSampler(12, 0, True), 2, workers=0, run_ahead=True)) == 0.0
+
+
+def test_naive_accuracy_runs_see_the_defaults_draws(tmp_path):
+    """In the accuracy parts a seed's naive run trains on the default's batches: the same samples in
+    the same order, each with the same crop and flip, resampled by PIL instead of torch (within a
+    level of rounding). Only then is the difference of their accuracies paired by seed."""
+    from bench.images import photo_like_jpegs
+    from bench.train_throughput import Setup
+    from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD
+    from train import data
+
+    samples = []
+    for i, jpeg in enumerate(photo_like_jpegs(12, size=(60, 45), seed=3)):
+        path = tmp_path / f"{i % 3}" / f"{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(jpeg)
+        samples.append((path, i % 3))
+    channel = data.Channel("train", tmp_path, ["0", "1", "2"], samples)
+    cpu = torch.device("cpu")
+    naive = Setup("naive", channel, None, 32, 4, 0, cpu, seed=7, same_draws=True)
+    default = Setup("default", channel, None, 32, 4, 0, cpu, seed=7)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    seen = []
+    for epoch in (0, 1):
+        for (x, y), (u, v) in zip(data.epoch_batches(naive.train, epoch), data.epoch_batches(default.train, epoch),
+                                  strict=True):
+            assert y.tolist() == v.tolist()
+            levels = (x * std + mean) * 255  # naive's normalized batch back in uint8 levels
+            ours = u * std * 255 + mean * 255 if u.is_floating_point() else u.float()
+            assert (levels - ours).abs().max() <= 1.01
+            seen.append(x)
+    assert len(seen) == 6
+    # the same sample gets another crop in another epoch, from the same dataset
+    dataset = naive.train.dataset
+    assert not torch.equal(dataset[(0, 0)][0], dataset[(1, 0)][0]) and torch.equal(dataset[(0, 0)][0],
+                                                                                    dataset[(0, 0)][0])
+    # without same_draws naive draws its own crops (the throughput part's course notebook)
+    assert Setup("naive", channel, None, 32, 4, 0, cpu, seed=7).train.dataset.seed is None
 
 
 def test_a_target_prints_what_decided_it():
