@@ -158,8 +158,9 @@ class Setup:
         eval_preset = ClassificationPresetEval(size)
         if config == "naive":
             if same_draws:
-                self.train = DataLoader(NaiveDataset(train_ch.samples, size, True, seed), batch, drop_last=True,
-                                        sampler=data.EpochSampler(len(train_ch.samples), seed, shuffle=True))
+                self.train = data.loader(NaiveDataset(train_ch.samples, size, True, seed),
+                                         data.EpochSampler(len(train_ch.samples), seed, shuffle=True), batch,
+                                         workers=0, drop_last=True)
             else:
                 g = torch.Generator().manual_seed(seed)
                 self.train = DataLoader(NaiveDataset(train_ch.samples, size, True), batch, shuffle=True,
@@ -518,7 +519,7 @@ def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: 
     out["difference_sd"], out["difference_se"] = _paired([d["valid_acc"] - n["valid_acc"] for d, n in paired])
     through = [d["valid_acc_int8_trunk"] - n["valid_acc"] for d, n in paired if d["int8_trunk"]]
     out["int8_trunk_minus_naive"] = statistics.fmean(through) if through else None
-    out["int8_trunk_difference_se"] = _paired(through)[1] if through else None
+    out["int8_trunk_difference_se"] = _paired(through)[1]
     return out
 
 
