@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import machine
 from bench.images import photo_like_jpegs
 from bench.serve_latency import KeepAliveClient, add_int8_and_agreement, cpu_seconds, make_artifact, run_load
 from serve.process import ServeProcess
@@ -77,7 +78,7 @@ def main() -> None:
           f"{summary['other_img_s_c4']:.1f} img/s; c1 p50 {summary['default_p50_ms']:.1f} against "
           f"{summary['other_p50_ms']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "arch": args.arch, "crop": crop,
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine.describe(), "arch": args.arch, "crop": crop,
                                     "quick": args.quick, "variants": variants, "rounds": rows,
                                     "summary": summary}, indent=2))
     print(f"wrote {args.out}")

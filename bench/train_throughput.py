@@ -53,7 +53,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -67,7 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as V1
 
-from bench import roofline
+from bench import machine, roofline
 from bench.images import photo_like_jpegs
 from imgcls import quantize
 from imgcls.models import create_model
@@ -652,7 +651,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
+        "machine": machine.describe(device), "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
         "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick,
         "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "frozen_accuracy": frozen_acc,
         "targets": met}, indent=2))
@@ -660,7 +659,7 @@ def main() -> None:
 
 
 def print_rows(args, device, workers, rows: list[dict]) -> None:
-    print(f"\ntraining throughput, {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs), "
+    print(f"\ntraining throughput, {device} ({machine.line(machine.describe(device))}), "
           f"500x375 JPEGs cropped to {args.size}px, batch {args.batch}, {args.steps} steps, median of {args.rounds} "
           f"rounds taking turns, loader workers "
           f"{', '.join(f'{c} {n}' for c, n in workers.items())}")

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from bench import machine
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -18,6 +19,8 @@ def test_training_benchmark_quick_run(tmp_path):
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe()  # the host it ran on, to tell hosts of one kind apart
+    assert machine.line(report["machine"]) in result.stdout
     rows = report["rows"]
     configs = ("naive", "fp32-nchw", "default", "compiled", "gpu-decode")  # gpu-decode's path, on the CPU here
     import torch
@@ -240,7 +243,9 @@ def test_serving_benchmark_quick_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.serve_latency", "--quick", "--archs", "resnet18",
                              "--precision", "int8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe() and machine.line(report["machine"]) in result.stdout
+    (row,) = report["rows"]
     assert row["arch"] == "resnet18" and row["startup_s"] > 0
     assert 0 < row["in_process_ms"] and 0 < row["p50_ms"] <= row["p95_ms"]
     assert min(row["img_s_c1"], row["img_s_c4"], row["img_s_c8"], row["one_worker_img_s_c4"]) > 0
@@ -267,6 +272,7 @@ def test_jvm_flags_benchmark_quick_run(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe()
     assert report["variants"]["default"] != report["variants"]["other"]
     assert "-XX:TieredStopAtLevel=1" not in report["variants"]["other"]
     assert len(report["rounds"]) == 2
@@ -298,6 +304,7 @@ def test_loader_probe_quick_run(tmp_path):
                              str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe() and machine.line(report["machine"]) in result.stdout
     rows = report["rows"]
     assert [(r["source"], r["workers"], r["pinning"]) for r in rows] == [
         (s, w, p) for s in ("cached", "uncached", "uncached-pillow") for w in (2, 1) for p in ("thread", "main", "off")]
@@ -351,6 +358,7 @@ def test_norm_probe_quick_run(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe() and machine.line(report["machine"]) in result.stdout
     from train import fused_norm
 
     fused = ["bf16 channels-last fused-norm"] if fused_norm.library() is not None else []
