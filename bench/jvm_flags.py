@@ -78,7 +78,8 @@ def main() -> None:
           f"{summary['other_img_s_c4']:.1f} img/s; c1 p50 {summary['default_p50_ms']:.1f} against "
           f"{summary['other_p50_ms']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine.describe(), "arch": args.arch, "crop": crop,
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine.describe(),
+                                    "arch": args.arch, "crop": crop,
                                     "quick": args.quick, "variants": variants, "rounds": rows,
                                     "summary": summary}, indent=2))
     print(f"wrote {args.out}")

@@ -111,7 +111,8 @@ def main() -> None:
     pinnings = choices(p, "pinnings", args.pinnings, data.PINNINGS,
                        data.PINNINGS if device.type == "cuda" or args.quick else ("off",))
     sources = choices(p, "sources", args.sources, SOURCES, SOURCES)
-    print(f"the training data path alone on {device} ({machine.line(machine.describe(device))}): 500x375 JPEGs to {args.size} px, batch "
+    host = machine.describe(device)
+    print(f"the training data path alone on {device} ({machine.line(host)}): 500x375 JPEGs to {args.size} px, batch "
           f"{args.batch}, {args.steps} steps, median of {args.rounds} epochs after a first; 1st s: to an "
           "epoch's first batch")
     print(f"  {'source':<16}{'workers':>8}  {'pinning':<7}{'img/s':>10}{'1st s':>10}{'shutdown s':>12}")
@@ -133,7 +134,7 @@ def main() -> None:
                     rows.append(probe(channel, train_cache, source, workers, pinning, args, device))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).date().isoformat(), "device": str(device), "machine": machine.describe(device), "cpus": cpus,
+        "date": datetime.now(timezone.utc).date().isoformat(), "device": str(device), "machine": host, "cpus": cpus,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
         "image_size": args.size, "batch_size": args.batch, "steps": args.steps, "rounds": args.rounds,
         "quick": args.quick, "decode_once_s": decode_once, "rows": rows}, indent=2))

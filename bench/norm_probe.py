@@ -119,7 +119,8 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(LAYERS))
         variants[COMPILED] = (torch.compile(bn_relu, dynamic=False), torch.bfloat16, True)
     names = list(variants)
-    print(f"batch norm + ReLU, forward and backward, on {device} ({machine.line(machine.describe(device))}, "
+    host = machine.describe(device)
+    print(f"batch norm + ReLU, forward and backward, on {device} ({machine.line(host)}, "
           f"torch {torch.__version__}): "
           f"batch {batch}, resnet50's shapes at {size} px, median of {rounds} rounds taking turns; ms, and in "
           f"brackets over a copy of the same bf16 tensor")
@@ -133,7 +134,7 @@ def main() -> None:
         cells = "".join(f"{row['ms'][n]:>22.2f} ({row['over_copy'][n]:>5.1f}x)" for n in names)
         print(f"{f'{channels} x {side}x{side}':<16}{row['ms']['copy']:>8.2f}{cells}", flush=True)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-              "machine": machine.describe(device), "cpus": os.cpu_count(), "torch": torch.__version__,
+              "machine": host, "cpus": os.cpu_count(), "torch": torch.__version__,
               "size": size, "batch": batch, "rounds": rounds, "variants": names, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -264,7 +264,8 @@ def main() -> None:
     header = (f"{'arch':<10} {'w x t':>6} {'prec':>5} {'start s':>8} {'in-proc ms':>10} {'p50 ms':>8} "
               f"{'p95 ms':>8} {'overhead':>9} {'c1 img/s':>9} {'c4 img/s':>9} {'c8 img/s':>9} {'naive c4':>9} "
               f"{'vs naive':>9}")
-    print(f"on {machine.line(machine.describe())}: JPEG 500x375, crop {crop}, {requests} requests per level, "
+    host = machine.describe()
+    print(f"on {machine.line(host)}: JPEG 500x375, crop {crop}, {requests} requests per level, "
           "one image per request, "
           "keep-alive connections, after a warm-up; at c1 the three servers and the in-process runs take turns "
           "request by request, at c4 in rounds")
@@ -290,7 +291,7 @@ def main() -> None:
     for t in met:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['value']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine.describe(),
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": host,
                                     "cpus": available_cpus(),
                                     "quick": args.quick, "rows": rows, "targets": met}, indent=2))
     print(f"wrote {args.out}")

@@ -639,9 +639,10 @@ def main() -> None:
                                pretrained_backbone(args, device, workers, Path(tmp)))
                       if "frozen-accuracy" in args.parts else None)
     met = targets(rows, [a for a in (acc, frozen_acc) if a], on_gpu=device.type == "cuda")
+    host = machine.describe(device)
 
     if rows:
-        print_rows(args, device, workers, rows)
+        print_rows(args, device, host, workers, rows)
     for a in (acc, frozen_acc):
         if a:
             print_accuracy(a)
@@ -651,15 +652,17 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-        "machine": machine.describe(device), "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size, "batch_size": args.batch,
+        "machine": host, "cpus": os.cpu_count(), "torch": torch.__version__, "image_size": args.size,
+        "batch_size": args.batch,
         "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick,
         "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "frozen_accuracy": frozen_acc,
         "targets": met}, indent=2))
     print(f"\nwritten to {args.out}")
 
 
-def print_rows(args, device, workers, rows: list[dict]) -> None:
-    print(f"\ntraining throughput, {device} ({machine.line(machine.describe(device))}), "
+def print_rows(args, device, host: dict, workers, rows: list[dict]) -> None:
+    """host: machine.describe()'s, as the results file records it."""
+    print(f"\ntraining throughput, {device} ({machine.line(host)}), "
           f"500x375 JPEGs cropped to {args.size}px, batch {args.batch}, {args.steps} steps, median of {args.rounds} "
           f"rounds taking turns, loader workers "
           f"{', '.join(f'{c} {n}' for c, n in workers.items())}")
