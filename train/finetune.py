@@ -9,6 +9,8 @@ from torch import nn
 
 from imgcls.models import head_name
 
+from . import memory_order
+
 # ResNet stages in forward order; freezing "up to" a stage freezes it and everything before it.
 RESNET_STAGES = [("stem", ("conv1", "bn1")), ("layer1", ("layer1",)), ("layer2", ("layer2",)),
                  ("layer3", ("layer3",)), ("layer4", ("layer4",))]
@@ -94,17 +96,23 @@ def fusable(groups: list[dict]) -> bool:
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, eps: float) -> torch.optim.Optimizer:
     """SGD, Adam and AdamW step with their fused kernels where they can: one pass over each
     parameter instead of a kernel per operation. resnet18's AdamW step took 25 against 61 ms on the
-    2-core AMX CPU (docs/benchmarks.md), the same update to rounding."""
-    fused = {"fused": True} if fusable(groups) else {}
+    2-core AMX CPU (docs/benchmarks.md), the same update to rounding. On a CPU, channels-last
+    weights step as 1-D views of themselves (train.memory_order): the kernels copy each such
+    gradient otherwise."""
+    fused = fusable(groups)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **fused)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, eps=eps, **fused)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps, **fused)
-    if name == "rmsprop":
+        cls, args = torch.optim.SGD, {"momentum": momentum, "nesterov": momentum > 0}
+    elif name in ("adam", "adamw"):
+        cls, args = (torch.optim.Adam if name == "adam" else torch.optim.AdamW), {"eps": eps}
+    elif name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, eps=eps, alpha=0.9)
-    raise ValueError(f"unknown optimizer {name!r}")
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    if not fused:
+        return cls(groups, lr=lr, **args)
+    if any(memory_order.stepped_flat(p) for g in groups for p in g["params"]):
+        cls = memory_order.optimizer_class(cls)
+    return cls(groups, lr=lr, fused=True, **args)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
