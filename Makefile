@@ -31,13 +31,15 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Training throughput, serving latency/throughput, the JVM flags side by side, the training data path alone
-# against its loader settings, batch norm + ReLU against a copy; BENCH_ARGS=--quick for a smoke run.
+# against its loader settings, batch norm + ReLU against a copy, one optimizer step three ways;
+# BENCH_ARGS=--quick for a smoke run.
 bench: setup
 	$(BIN)/python -m bench.train_throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench.serve_latency $(BENCH_ARGS)
 	$(BIN)/python -m bench.jvm_flags $(BENCH_ARGS)
 	$(BIN)/python -m bench.loader_probe $(BENCH_ARGS)
 	$(BIN)/python -m bench.norm_probe $(BENCH_ARGS)
+	$(BIN)/python -m bench.optimizer_probe $(BENCH_ARGS)
 
 # Both images, built only (DOCKER picks the engine; IMAGE_BUILD_ARGS go to every build command).
 images:

@@ -394,3 +394,23 @@ def test_norm_probe_times_a_training_pass_of_batch_norm_and_relu():
     step_fn(spy, x, params, stats, grad)()
     assert calls == [x.shape] and x.grad is None and all(p.grad is None for p in params)
     assert stats[0].abs().sum() > 0  # training-mode batch norm updated its running mean
+
+
+def test_optimizer_probe_quick_run(tmp_path):
+    out = tmp_path / "optimizer.json"
+    result = subprocess.run([sys.executable, "-m", "bench.optimizer_probe", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"] == machine.describe() and machine.line(report["machine"]) in result.stdout
+    assert report["variants"] == ["as a job steps", "kernel on the weights", "contiguous weights"]
+    assert [(r["optimizer"], r["arch"]) for r in report["rows"]] == [("sgd", "resnet18"), ("adamw", "resnet18")]
+    for r in report["rows"]:
+        assert r["views"] is True and r["parameters"] > 11_000_000
+        for name in report["variants"]:
+            assert len(r["rounds_ms"][name]) == report["rounds"] == 2 and r["ms"][name] > 0
+        assert r["kernel_over_views"] == pytest.approx(r["ms"]["kernel on the weights"] / r["ms"]["as a job steps"])
+    assert "GB/s of the update's bytes" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.optimizer_probe", "--quick", "--rounds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rounds takes a positive integer, got 0" in bad.stderr

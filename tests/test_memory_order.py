@@ -21,14 +21,9 @@ def resnets(count: int, channels_last: bool = True) -> list[nn.Module]:
     return [m.to(memory_format=fmt) for m in models]
 
 
-def optimizer(name: str, model: nn.Module, plain: bool = False, monkeypatch=None):
+def optimizer(name: str, model: nn.Module, plain: bool = False):
     """plain: the same fused optimizer stepping the weights themselves."""
-    if plain:
-        monkeypatch.setattr(memory_order, "optimizer_class", lambda cls: cls)
-    opt = finetune.make_optimizer(name, finetune.param_groups(model, 1e-2), 0.05, 0.9, 1e-8)
-    if plain:
-        monkeypatch.undo()
-    return opt
+    return finetune.make_optimizer(name, finetune.param_groups(model, 1e-2), 0.05, 0.9, 1e-8, views=not plain)
 
 
 def written(state_dict: dict) -> dict:
@@ -53,10 +48,10 @@ def test_flat_is_a_view_of_memory_in_memory_order():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_channels_last_weights_step_as_views_and_update_as_the_plain_optimizer(name, monkeypatch):
+def test_channels_last_weights_step_as_views_and_update_as_the_plain_optimizer(name):
     ours, plain_model = resnets(2)
     fused = optimizer(name, ours)
-    plain = optimizer(name, plain_model, plain=True, monkeypatch=monkeypatch)
+    plain = optimizer(name, plain_model, plain=True)
     assert isinstance(fused, memory_order.InMemoryOrder) and fused.defaults["fused"] is True
     assert not isinstance(plain, memory_order.InMemoryOrder) and plain.defaults["fused"] is True
     # The 3x3 and 7x7 weights step as views of the model's own memory; the rest as themselves.
@@ -80,12 +75,12 @@ def test_contiguous_weights_and_the_unfused_path_are_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_no_gradient_copy_inside_the_fused_kernel(name, monkeypatch):
+def test_no_gradient_copy_inside_the_fused_kernel(name):
     """The point of the views: the same fused kernel on the weights themselves copies every
     channels-last gradient (should a torch upgrade drop that copy, this module can go)."""
     model = resnets(1)[0]
     ours = optimizer(name, model)
-    kernel_alone = optimizer(name, model, plain=True, monkeypatch=monkeypatch)
+    kernel_alone = optimizer(name, model, plain=True)
     copies = {}
     for label, opt in (("views", ours), ("weights", kernel_alone)):
         backward(model)
@@ -98,9 +93,9 @@ def test_no_gradient_copy_inside_the_fused_kernel(name, monkeypatch):
     assert copies["views"] == 0 and copies["weights"] >= len(ours.weights)
 
 
-def test_checkpoints_hold_the_state_as_the_plain_optimizers_do_and_load_either_way(monkeypatch):
+def test_checkpoints_hold_the_state_as_the_plain_optimizers_do_and_load_either_way():
     ours_model, plain_model, resumed_model, other_model = resnets(4)
-    ours, plain = optimizer("adamw", ours_model), optimizer("adamw", plain_model, plain=True, monkeypatch=monkeypatch)
+    ours, plain = optimizer("adamw", ours_model), optimizer("adamw", plain_model, plain=True)
     for model, opt in ((ours_model, ours), (plain_model, plain)):
         backward(model)
         opt.step()
@@ -113,7 +108,7 @@ def test_checkpoints_hold_the_state_as_the_plain_optimizers_do_and_load_either_w
     # Resumed from the plain optimizer's checkpoint by ours, and from ours by the plain one: each
     # next step agrees with the step of the optimizer that wrote the checkpoint.
     resumed = optimizer("adamw", resumed_model)
-    other = optimizer("adamw", other_model, plain=True, monkeypatch=monkeypatch)
+    other = optimizer("adamw", other_model, plain=True)
     for model, opt, checkpoint in ((resumed_model, resumed, plain_saved), (other_model, other, saved)):
         model.load_state_dict(ours_model.state_dict())
         opt.load_state_dict(checkpoint)

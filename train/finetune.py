@@ -93,12 +93,13 @@ def fusable(groups: list[dict]) -> bool:
         len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
 
 
-def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, eps: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, eps: float,
+                   views: bool = True) -> torch.optim.Optimizer:
     """SGD, Adam and AdamW step with their fused kernels where they can: one pass over each
     parameter instead of a kernel per operation. resnet18's AdamW step took 25 against 61 ms on the
     2-core AMX CPU (docs/benchmarks.md), the same update to rounding. On a CPU, channels-last
-    weights step as 1-D views of themselves (train.memory_order): the kernels copy each such
-    gradient otherwise."""
+    weights step as 1-D views of themselves (train.memory_order), since the kernels copy each such
+    gradient otherwise; views=False leaves that out, to measure it."""
     fused = fusable(groups)
     if name == "sgd":
         cls, args = torch.optim.SGD, {"momentum": momentum, "nesterov": momentum > 0}
@@ -110,7 +111,7 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, ep
         raise ValueError(f"unknown optimizer {name!r}")
     if not fused:
         return cls(groups, lr=lr, **args)
-    if any(memory_order.stepped_flat(p) for g in groups for p in g["params"]):
+    if views and any(memory_order.stepped_flat(p) for g in groups for p in g["params"]):
         cls = memory_order.optimizer_class(cls)
     return cls(groups, lr=lr, fused=True, **args)
 
