@@ -59,7 +59,8 @@ class _Columns(torch.autograd.Function):
         wide = len(spots) > 1 and grad.dtype in (torch.bfloat16, torch.float16)
         buffer = grad.new_zeros(padded_shape, dtype=torch.float32 if wide else grad.dtype)
         for k, (r, c) in enumerate(spots):
-            buffer[:, r, c, :] += grad[..., k * channels:(k + 1) * channels]
+            # add_ on the view: `buffer[...] += g` would also copy the view onto itself (setitem)
+            buffer[:, r, c, :].add_(grad[..., k * channels:(k + 1) * channels])
         inner = buffer[:, ph:ph + shape[1], pw:pw + shape[2], :]
         return (inner.to(grad.dtype, memory_format=torch.contiguous_format) if wide else inner.contiguous(),
                 None, None, None, None)
