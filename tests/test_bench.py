@@ -44,6 +44,8 @@ def test_training_benchmark_quick_run(tmp_path):
         assert len(r["end_to_end_rounds"]) == len(r["synthetic_rounds"]) == r["rounds"] == report["rounds"] == 2
         assert r["end_to_end_img_s"] == pytest.approx(statistics.median(r["end_to_end_rounds"]))
         assert r["e2e_over_synthetic"] == pytest.approx(r["end_to_end_img_s"] / statistics.median(r["synthetic_rounds"]))
+        assert r["e2e_over_synthetic_by_round"] == pytest.approx(statistics.median(
+            e / s for e, s in zip(r["end_to_end_rounds"], r["synthetic_rounds"], strict=True)))
         cached = ("default", "compiled", "int8-trunk", "aten-norm", "sample-crop")
         assert (r["decode_once_s"] > 0) == (r["config"] in cached)
         # a job's crop of a cached batch: one call, but in sample-crop
