@@ -439,8 +439,8 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])}), synthetic {ceiling_rate:.1f} "
               f"({', '.join(f'{x:.1f}' for x in runs[ceiling[config]]['synthetic'])}), e2e/syn "
-              f"{e2e / ceiling_rate:.2f} (each round's own, median {by_round:.2f}), data wait {rows[-1]['data_wait']:.1%} (first batch "
-              f"{rows[-1]['first_batch_wait']:.1%})", flush=True)
+              f"{e2e / ceiling_rate:.2f} (each round's own, median {by_round:.2f}), data wait "
+              f"{rows[-1]['data_wait']:.1%} (first batch {rows[-1]['first_batch_wait']:.1%})", flush=True)
     return rows
 
 

@@ -42,12 +42,11 @@ def test_the_multiply_gives_the_convolution_and_its_gradients(kernel, stride, pa
         torch.testing.assert_close(gemm.bias.grad, conv.bias.grad)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_columns_backward_adds_each_position_in_place_without_copying_it(dtype):
     """col2im adds each kernel position's gradient into one buffer. The copies left: bf16 positions
     converted to the fp32 buffer, one at a time, and the result out of the padded buffer. A setitem
-    `+=` also copied every position's view onto itself (about 1 ms a resnet18 step)."""
+    `+=` also copied every position's view onto itself (about 0.5 ms a resnet18 step)."""
     x = torch.randn(2, 8, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     cols = conv_gemm._Columns.apply(x.permute(0, 2, 3, 1), (3, 3), (1, 1), (1, 1), (6, 6))
     g = torch.randn_like(cols)
