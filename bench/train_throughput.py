@@ -409,10 +409,11 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     rows = []
     for config in configs:
         r = runs[config]
-        ceiling_rate, e2e = statistics.median(runs[ceiling[config]]["synthetic"]), statistics.median(r["e2e"])
+        synthetic_rounds = runs[ceiling[config]]["synthetic"]
+        ceiling_rate, e2e = statistics.median(synthetic_rounds), statistics.median(r["e2e"])
         # each round's own e2e/syn, a minute apart instead of rounds apart: how far a host's spells
         # move the ratio (reported beside the target's ratio of medians, which it does not replace)
-        by_round = statistics.median(e / s for e, s in zip(r["e2e"], runs[ceiling[config]]["synthetic"], strict=True))
+        by_round = statistics.median(e / s for e, s in zip(r["e2e"], synthetic_rounds, strict=True))
         precision = r["setup"].precision.name
         int8 = bool(getattr(r["model"], "frozen_trunk_int8", False))
         # an int8 trunk does its arithmetic outside the precision's multiply: no bound from it
@@ -423,7 +424,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
                      "workers": workers[config], "rounds": args.rounds,
                      "synthetic_img_s": ceiling_rate, "end_to_end_img_s": e2e,
                      "e2e_over_synthetic": e2e / ceiling_rate, "e2e_over_synthetic_by_round": by_round,
-                     "end_to_end_rounds": r["e2e"], "synthetic_rounds": runs[ceiling[config]]["synthetic"],
+                     "end_to_end_rounds": r["e2e"], "synthetic_rounds": synthetic_rounds,
                      "data_img_s": statistics.median(r["data"]) if r["data"] else None, "data_rounds": r["data"],
                      "data_wait": statistics.median(r["wait"]), "first_batch_wait": statistics.median(r["first_wait"]),
                      "decode_once_s": r["setup"].cache_seconds,
@@ -438,7 +439,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         # all of a row that a run stopped before its table still needs (GPU runs have ended so)
         print(f"  measured {arch} {rows[-1]['freeze']} {config}: {e2e:.1f} img/s end to end "
               f"({', '.join(f'{x:.1f}' for x in r['e2e'])}), synthetic {ceiling_rate:.1f} "
-              f"({', '.join(f'{x:.1f}' for x in runs[ceiling[config]]['synthetic'])}), e2e/syn "
+              f"({', '.join(f'{x:.1f}' for x in synthetic_rounds)}), e2e/syn "
               f"{e2e / ceiling_rate:.2f} (each round's own, median {by_round:.2f}), data wait "
               f"{rows[-1]['data_wait']:.1%} (first batch {rows[-1]['first_batch_wait']:.1%})", flush=True)
     return rows
