@@ -27,8 +27,9 @@ Measurements per (arch, freeze, config):
   data        the same epoch's data path alone, no model: loader, batcher, copy to the device ("data",
               every configuration but naive). Where end to end falls short of both it and synthetic,
               the two do not overlap; where it is near data, the data path is the limit.
-Both are medians over rounds (3; 2 in --quick) in which every configuration of a model and both
-ceilings take turns, so that a ratio's two sides see the same spells of a noisy host; each row also
+Both are medians over rounds (3; 2 in --quick) in which every configuration of a model takes turns,
+and a ceiling's synthetic steps run half just before and half just after its own configuration's
+end-to-end epoch, so that a ratio's two sides see the same spells of a noisy host; each row also
 keeps the median of each round's own e2e/syn (`e2e_over_synthetic_by_round`), to show how far those
 spells move it.
 Roofline (bench.roofline): the model's GFLOP per training image, and the device's matrix multiply
@@ -358,8 +359,8 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
 
 def measure(args, device, workers, channel, classes, arch, freeze, configs) -> list[dict]:
     """One model per configuration, measured in rounds that take turns: each round runs every
-    configuration's end-to-end epoch and both synthetic ceilings (fp32 NCHW, the default's), and each
-    figure is the median over the rounds. On a noisy host, measurements minutes apart moved a ratio by
+    configuration's end-to-end epoch, the synthetic ceilings (fp32 NCHW's, the default's) around their
+    own configurations' ones, and each figure is the median over the rounds. On a noisy host, measurements minutes apart moved a ratio by
     0.2 or more; taking turns exposes every configuration to the same slow and fast spells."""
     runs = {}
     for config in configs:
@@ -379,10 +380,9 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     ceiling = {c: m if m in runs else c for c, m in ceiling.items()}  # --configs left that model out
     ceilings = sorted(set(ceiling.values()))
 
-    def synthetic(c: str, steps: int) -> float:
+    def synthetic(c: str, steps: int):
         r = runs[c]
-        return synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, steps,
-                               classes).images_per_second
+        return synthetic_epoch(r["setup"], r["model"], r["frozen"], r["opt"], args.size, args.batch, steps, classes)
 
     # The model's arithmetic per image, and the device's multiply rate in each precision trained in,
     # timed in the same rounds (bench.roofline).
@@ -394,16 +394,23 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     for epoch in range(1, args.rounds + 1):
         for config in configs:
             r = runs[config]
+            # A ceiling's own configuration runs half its synthetic steps just before its end-to-end epoch
+            # and half just after (A-B-A): a host's spell, which lasts seconds, then weighs on both sides
+            # of e2e/syn alike. Measured once a round after every configuration, the same ceiling's
+            # e2e/syn ranged 0.61-1.29 over eight rounds, 0.79-1.07 so (resnet18 full, model-207 host).
+            halves = [] if config not in ceilings else [args.steps // 2, args.steps - args.steps // 2]
+            before = synthetic(config, halves[0]) if halves and halves[0] else None
             # a job's epochs, one after the other: the end-to-end one, then the data path's
             e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], 2 * epoch - 1)
+            if halves:
+                sides = [x for x in (before, synthetic(config, halves[1])) if x is not None]
+                r["synthetic"].append(sum(x.samples for x in sides) / sum(x.seconds for x in sides))
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)
             r["first_wait"].append(r["setup"].first_wait)
             if config != "naive":  # its data path is the PIL one in the training process: no question there
                 r["data"].append(r["setup"].data_epoch(2 * epoch))
             settle(r["setup"].train)
-        for c in ceilings:
-            runs[c]["synthetic"].append(synthetic(c, args.steps))
         for p in precisions:
             matmul[p].append(roofline.matmul_rate(device, p, *roofline.sizes(device, args.quick)))
     rows = []

@@ -140,6 +140,50 @@ def test_settle_waits_for_a_run_ahead_loaders_prefetch():
     assert settle(data.loader(_Slow(), data.EpochSampler(12, 0, True), 2, workers=0, run_ahead=True)) == 0.0
 
 
+def test_a_ceiling_is_timed_around_its_own_configurations_epoch(tmp_path, monkeypatch):
+    """Each round, the default's synthetic ceiling runs half its steps just before the default's
+    end-to-end epoch and half just after it (A-B-A): a noisy host's spells then weigh on both sides of
+    e2e/syn. A configuration that borrows the ceiling (sample-crop) is not run around it."""
+    from argparse import Namespace
+
+    from bench import train_throughput as bench
+
+    events = []
+    synthetic, epoch = bench.synthetic_epoch, bench.Setup.epoch
+
+    def timed_synthetic(setup, model, frozen, opt, size, batch, steps, classes):
+        result = synthetic(setup, model, frozen, opt, size, batch, steps, classes)
+        events.append(("syn", setup.config, steps, result.samples / result.seconds))
+        return result
+
+    def timed_epoch(setup, model, frozen, opt, number, sched=None):
+        result = epoch(setup, model, frozen, opt, number, sched)
+        events.append(("e2e", setup.config, number, result.images_per_second))
+        return result
+
+    monkeypatch.setattr(bench, "synthetic_epoch", timed_synthetic)
+    monkeypatch.setattr(bench.Setup, "epoch", timed_epoch)
+    args = Namespace(size=32, batch=4, steps=3, rounds=2, quick=True)
+    channel = bench.photo_channel(tmp_path / "photos", args.batch * args.steps, 3)
+    workers = dict.fromkeys(bench.CONFIGS, 0)
+    rows = {r["config"]: r for r in bench.measure(args, torch.device("cpu"), workers, channel, 3, "resnet18", "none",
+                                                  ("fp32-nchw", "default", "sample-crop"))}
+    rounds = [i for i, e in enumerate(events) if e[0] == "e2e" and e[2] > 0]
+    assert [events[i][1:3] for i in rounds] == [(c, n) for n in (1, 3) for c in ("fp32-nchw", "default", "sample-crop")]
+    ceilings = {"fp32-nchw": [], "default": []}
+    for i in rounds:
+        config = events[i][1]
+        if config in ceilings:
+            before, after = events[i - 1], events[i + 1]
+            assert before[:3] == ("syn", config, 1) and after[:3] == ("syn", config, 2)
+            ceilings[config].append(3 / (1 / before[3] + 2 / after[3]))  # images over both halves' seconds
+    # nothing else synthetic in the rounds: sample-crop borrows the default's
+    assert sum(e[0] == "syn" for e in events[rounds[0] - 1:]) == 2 * len(ceilings) * args.rounds
+    for config, rates in ceilings.items():
+        assert rows[config]["synthetic_rounds"] == pytest.approx(rates)
+    assert rows["sample-crop"]["synthetic_rounds"] == rows["default"]["synthetic_rounds"]
+
+
 def test_naive_accuracy_runs_see_the_defaults_draws(tmp_path):
     """In the accuracy parts a seed's naive run trains on the default's batches: the same samples in
     the same order, each with the same crop and flip, resampled by PIL instead of torch (within a
