@@ -360,8 +360,9 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
 def measure(args, device, workers, channel, classes, arch, freeze, configs) -> list[dict]:
     """One model per configuration, measured in rounds that take turns: each round runs every
     configuration's end-to-end epoch, the synthetic ceilings (fp32 NCHW's, the default's) around their
-    own configurations' ones, and each figure is the median over the rounds. On a noisy host, measurements minutes apart moved a ratio by
-    0.2 or more; taking turns exposes every configuration to the same slow and fast spells."""
+    own configurations' ones, and each figure is the median over the rounds. On a noisy host,
+    measurements minutes apart moved a ratio by 0.2 or more; taking turns exposes every
+    configuration to the same slow and fast spells."""
     runs = {}
     for config in configs:
         setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)

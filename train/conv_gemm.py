@@ -55,8 +55,8 @@ class _Columns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         shape, padded_shape, (ph, pw), spots = ctx.geometry
-        if ctx.whole:  # the gradient as it is: through a zero-filled buffer and one add, resnet50's col2im
-            # took 42 ms of a full fine-tuning step instead of 12 (profiled; 17 such convs swapped, 128 px, batch 32)
+        if ctx.whole:  # the gradient as it is: through a zero-filled buffer and one add, resnet50's
+            # col2im took 42 ms of a full fine-tuning step instead of 12 (profiled; 17 such convs swapped)
             return grad.reshape(shape), None, None, None, None
         channels = shape[-1]
         # Overlapping positions add up in fp32 and round once, as oneDNN's convolution backward does:
