@@ -399,12 +399,12 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             # and half just after (A-B-A): a host's spell, which lasts seconds, then weighs on both sides
             # of e2e/syn alike. Measured once a round after every configuration, the same ceiling's
             # e2e/syn ranged 0.61-1.29 over eight rounds, 0.79-1.07 so (resnet18 full, model-207 host).
-            halves = [] if config not in ceilings else [args.steps // 2, args.steps - args.steps // 2]
-            before = synthetic(config, halves[0]) if halves and halves[0] else None
+            owns, half = config in ceilings, args.steps // 2
+            sides = [synthetic(config, half)] if owns and half else []
             # a job's epochs, one after the other: the end-to-end one, then the data path's
             e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], 2 * epoch - 1)
-            if halves:
-                sides = [x for x in (before, synthetic(config, halves[1])) if x is not None]
+            if owns:
+                sides.append(synthetic(config, args.steps - half))
                 r["synthetic"].append(sum(x.samples for x in sides) / sum(x.seconds for x in sides))
             r["e2e"].append(e2e.images_per_second)
             r["wait"].append(e2e.data_wait_fraction)

@@ -42,6 +42,13 @@ def test_the_multiply_gives_the_convolution_and_its_gradients(kernel, stride, pa
         torch.testing.assert_close(gemm.bias.grad, conv.bias.grad)
 
 
+def _ops_of(run) -> list[str]:
+    """The names of the operators `run()` calls, in order (the profiler's events)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return [e.name for e in prof.events()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_columns_backward_adds_each_position_in_place_without_copying_it(dtype):
     """col2im adds each kernel position's gradient into one buffer. The copies left: bf16 positions
@@ -50,9 +57,7 @@ def test_the_columns_backward_adds_each_position_in_place_without_copying_it(dty
     x = torch.randn(2, 8, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     cols = conv_gemm._Columns.apply(x.permute(0, 2, 3, 1), (3, 3), (1, 1), (1, 1), (6, 6))
     g = torch.randn_like(cols)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        cols.backward(g)
-    names = [e.name for e in prof.events()]
+    names = _ops_of(lambda: cols.backward(g))
     assert names.count("aten::add_") == 9
     assert names.count("aten::copy_") == 1 + (9 if dtype != torch.float32 else 0), names
     # col2im by torch's own fold: (N, C * kh * kw, L) with the channel major
@@ -68,9 +73,7 @@ def test_a_1x1_stride_1_columns_backward_passes_the_gradient_through():
     x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
     cols = conv_gemm._Columns.apply(x.permute(0, 2, 3, 1), (1, 1), (1, 1), (0, 0), (6, 6))
     g = torch.randn_like(cols)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        cols.backward(g)
-    names = [e.name for e in prof.events()]
+    names = _ops_of(lambda: cols.backward(g))
     assert not {"aten::fill_", "aten::zero_", "aten::add_", "aten::copy_"} & set(names), names
     torch.testing.assert_close(x.grad, g.permute(0, 3, 1, 2), rtol=0, atol=0)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
