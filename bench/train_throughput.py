@@ -414,6 +414,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             settle(r["setup"].train)
         for p in precisions:
             matmul[p].append(roofline.matmul_rate(device, p, *roofline.sizes(device, args.quick)))
+        print_round(arch, freeze, epoch, args.rounds, runs, ceiling)
     rows = []
     for config in configs:
         r = runs[config]
@@ -451,6 +452,19 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
               f"{e2e / ceiling_rate:.2f} (each round's own, median {by_round:.2f}), data wait "
               f"{rows[-1]['data_wait']:.1%} (first batch {rows[-1]['first_batch_wait']:.1%})", flush=True)
     return rows
+
+
+def print_round(arch, freeze, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
+    """Each configuration's figures of the round just ended, side by side with its ceiling's of the
+    same round: a run its limit ends in a later round still shows a ratio from one run (two GPU runs
+    have ended before their table, and a model's rows print only after its last round)."""
+    mode = "frozen" if freeze == "backbone" else "full"
+    for config, r in runs.items():
+        syn = runs[ceiling[config]]["synthetic"][-1]
+        data_rate = f", data {r['data'][-1]:.1f} img/s" if r["data"] else ""
+        print(f"  round {number}/{rounds} {arch} {mode} {config}: {r['e2e'][-1]:.1f} img/s end to end, "
+              f"synthetic {syn:.1f}, e2e/syn {r['e2e'][-1] / syn:.2f}{data_rate}, data wait {r['wait'][-1]:.1%}",
+              flush=True)
 
 
 def schedule(opt, epochs: int, steps: int):

@@ -1,4 +1,5 @@
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def test_settle_waits_for_a_run_ahead_loaders_prefetch():
     assert settle(data.loader(_Slow(), data.EpochSampler(12, 0, True), 2, workers=0, run_ahead=True)) == 0.0
 
 
-def test_a_ceiling_is_timed_around_its_own_configurations_epoch(tmp_path, monkeypatch):
+def test_a_ceiling_is_timed_around_its_own_configurations_epoch(tmp_path, monkeypatch, capsys):
     """Each round, the default's synthetic ceiling runs half its steps just before the default's
     end-to-end epoch and half just after it (A-B-A): a noisy host's spells then weigh on both sides of
     e2e/syn. A configuration that borrows the ceiling (sample-crop) is not run around it."""
@@ -182,6 +183,18 @@ def test_a_ceiling_is_timed_around_its_own_configurations_epoch(tmp_path, monkey
     for config, rates in ceilings.items():
         assert rows[config]["synthetic_rounds"] == pytest.approx(rates)
     assert rows["sample-crop"]["synthetic_rounds"] == rows["default"]["synthetic_rounds"]
+    # each round printed as it ends, beside its own ceiling's rate of that round: a run stopped in a
+    # later round keeps it
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("round ")]
+    expected = []
+    for n in (1, 2):
+        for config, r in rows.items():
+            e2e, syn = r["end_to_end_rounds"][n - 1], r["synthetic_rounds"][n - 1]
+            expected.append(f"round {n}/2 resnet18 full {config}: {e2e:.1f} img/s end to end, synthetic {syn:.1f}, "
+                            f"e2e/syn {e2e / syn:.2f}, data {r['data_rounds'][n - 1]:.1f} img/s, data wait ")
+    assert len(printed) == len(expected) == 6
+    for line, start in zip(printed, expected, strict=True):
+        assert line.startswith(start) and line.endswith("%"), (line, start)
 
 
 def test_naive_accuracy_runs_see_the_defaults_draws(tmp_path):
@@ -460,3 +473,30 @@ def test_optimizer_probe_quick_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.optimizer_probe", "--quick", "--rounds", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--rounds takes a positive integer, got 0" in bad.stderr
+
+
+def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
+    """bench/gpu_check.sh, the device lease's one command, run here on the CPU with tiny sizes: the
+    figures in train.log and on stdout, the stack dumps only in stacks.log, and a run its limit ends
+    still prints what it measured and says why it stopped."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "GPU_CHECK_ARGS": "--quick --archs resnet18 --steps 3 --stacks 0.5"}
+    result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert f"torch {torch.__version__}" in (out / "env.txt").read_text()
+    report = json.loads((out / "train_throughput.json").read_text())
+    # of the four GPU configurations, the ones a CPU runs in --quick
+    assert [(r["arch"], r["freeze"], r["config"]) for r in report["rows"]] == [
+        ("resnet18", "full", "default"), ("resnet18", "full", "gpu-decode")]
+    log = (out / "train.log").read_text()
+    assert log in result.stdout and "Timeout (0:00:00.500000)!" not in result.stdout
+    assert sum(line.strip().startswith("round ") for line in log.splitlines()) == 4 and "e2e/syn" in log
+    assert "Timeout (0:00:00.500000)!" in (out / "stacks.log").read_text()
+
+    env["GPU_CHECK_LIMIT"], env["OUT"] = "1", str(tmp_path / "cut")
+    cut = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert cut.returncode == 124
+    assert "its limit of 1 s ended it (exit 124)" in cut.stdout and "the last lines of" in cut.stdout
