@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU target (resnet50 AMP on real JPEGs >= 0.90 x synthetic, data wait < 5%) in one
 # command of a device lease: `bash bench/gpu_check.sh`, with the machine's own python3 and torch.
-# Four GPU runs so far ended at their limit before printing their table, and a device reply keeps
+# Three GPU runs so far ended at their limit before printing their table, and a device reply keeps
 # only the last 12,000 characters of output, which the stack dumps (--stacks) would fill: so the
 # figures go to $OUT/train.log (each round's lines as it ends), the stacks to $OUT/stacks.log, the
 # results file to $OUT/train_throughput.json, and only the figures are printed here.

@@ -456,7 +456,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
 
 def print_round(arch, freeze, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
     """Each configuration's figures of the round just ended, side by side with its ceiling's of the
-    same round: a run its limit ends in a later round still shows a ratio from one run (two GPU runs
+    same round: a run its limit ends in a later round still shows a ratio from one run (three GPU runs
     have ended before their table, and a model's rows print only after its last round)."""
     mode = "frozen" if freeze == "backbone" else "full"
     for config, r in runs.items():
