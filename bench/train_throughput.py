@@ -363,6 +363,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     own configurations' ones, and each figure is the median over the rounds. On a noisy host,
     measurements minutes apart moved a ratio by 0.2 or more; taking turns exposes every
     configuration to the same slow and fast spells."""
+    mode = "frozen" if freeze == "backbone" else "full"  # the name rows and printouts give `freeze`
     runs = {}
     for config in configs:
         setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
@@ -414,7 +415,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
             settle(r["setup"].train)
         for p in precisions:
             matmul[p].append(roofline.matmul_rate(device, p, *roofline.sizes(device, args.quick)))
-        print_round(arch, freeze, epoch, args.rounds, runs, ceiling)
+        print_round(f"{arch} {mode}", epoch, args.rounds, runs, ceiling)
     rows = []
     for config in configs:
         r = runs[config]
@@ -428,7 +429,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
         # an int8 trunk does its arithmetic outside the precision's multiply: no bound from it
         rate = None if int8 else statistics.median(matmul[precision])
         flops = e2e * gflop
-        rows.append({"arch": arch, "freeze": "frozen" if freeze == "backbone" else "full", "config": config,
+        rows.append({"arch": arch, "freeze": mode, "config": config,
                      "precision": precision, "channels_last": r["setup"].channels_last,
                      "workers": workers[config], "rounds": args.rounds,
                      "synthetic_img_s": ceiling_rate, "end_to_end_img_s": e2e,
@@ -454,15 +455,14 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     return rows
 
 
-def print_round(arch, freeze, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
+def print_round(model: str, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
     """Each configuration's figures of the round just ended, side by side with its ceiling's of the
     same round: a run its limit ends in a later round still shows a ratio from one run (three GPU runs
     have ended before their table, and a model's rows print only after its last round)."""
-    mode = "frozen" if freeze == "backbone" else "full"
     for config, r in runs.items():
         syn = runs[ceiling[config]]["synthetic"][-1]
         data_rate = f", data {r['data'][-1]:.1f} img/s" if r["data"] else ""
-        print(f"  round {number}/{rounds} {arch} {mode} {config}: {r['e2e'][-1]:.1f} img/s end to end, "
+        print(f"  round {number}/{rounds} {model} {config}: {r['e2e'][-1]:.1f} img/s end to end, "
               f"synthetic {syn:.1f}, e2e/syn {r['e2e'][-1] / syn:.2f}{data_rate}, data wait {r['wait'][-1]:.1%}",
               flush=True)
 
