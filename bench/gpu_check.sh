@@ -4,7 +4,10 @@
 # Three GPU runs so far ended at their limit before printing their table, and a device reply keeps
 # only the last 12,000 characters of output, which the stack dumps (--stacks) would fill: so the
 # figures go to $OUT/train.log (each round's lines as it ends), the stacks to $OUT/stacks.log, the
-# results file to $OUT/train_throughput.json, and only the figures are printed here.
+# results file to $OUT/train_throughput.json, and only the figures are printed here. A variant that
+# fails (pin-thread, uncached, gpu-decode: paths only a GPU runs) is printed as FAILED and the
+# others go on; the default's failure ends the run. tests/test_bench.py runs this script without
+# the packages the device image lacks (tests/device_image.py).
 # GPU_CHECK_LIMIT: seconds for the benchmark (default 420, most of a 15-minute lease after its start).
 # GPU_CHECK_ARGS: more bench.train_throughput arguments; later ones win (the tests run it on a CPU
 # with --quick and tiny sizes). PYTHON: the interpreter (default python3).

@@ -46,6 +46,9 @@ of the six shapes (no pretrained weights can be downloaded here); the default's 
 runs in int8 there (frozen-trunk=auto on a CPU).
 Targets (issue 8): default end-to-end >= 0.85 x its synthetic rate; default >= 3x naive; default
 valid accuracy >= naive. `--parts` runs one part alone. Writes bench/results/train_throughput.json.
+A configuration that raises and is no one's synthetic ceiling (a GPU-only path, say) is printed as
+FAILED with its error, left out of the later rounds and the table, and kept in the results file
+("failed"); the others run to the end, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -320,7 +324,8 @@ def photo_channel(root: Path, count: int, classes: int) -> data.Channel:
     return data.scan_channel("train", root / "train", workers=os.cpu_count() or 1)
 
 
-def throughput(args, device, workers, work: Path) -> list[dict]:
+def throughput(args, device, workers, work: Path, failures: list | None = None) -> list[dict]:
+    """failures: as measure() takes it."""
     classes = 6
     channel = photo_channel(work / "photos", args.batch * args.steps, classes)
     rows = []
@@ -340,7 +345,7 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
                 configs += ("gpu-decode",)
             if args.configs:
                 configs = tuple(c for c in configs if c in args.configs)
-            rows += measure(args, device, workers, channel, classes, arch, freeze, configs)
+            rows += measure(args, device, workers, channel, classes, arch, freeze, configs, failures)
             release_loaders()
     for r in rows:
         naive = next((b for b in rows if b["arch"] == r["arch"] and b["freeze"] == r["freeze"]
@@ -357,30 +362,45 @@ def throughput(args, device, workers, work: Path) -> list[dict]:
     return rows
 
 
-def measure(args, device, workers, channel, classes, arch, freeze, configs) -> list[dict]:
+def measure(args, device, workers, channel, classes, arch, freeze, configs,
+            failures: list | None = None) -> list[dict]:
     """One model per configuration, measured in rounds that take turns: each round runs every
     configuration's end-to-end epoch, the synthetic ceilings (fp32 NCHW's, the default's) around their
     own configurations' ones, and each figure is the median over the rounds. On a noisy host,
     measurements minutes apart moved a ratio by 0.2 or more; taking turns exposes every
-    configuration to the same slow and fast spells."""
+    configuration to the same slow and fast spells.
+    failures: where given, a configuration that is no one's ceiling and raises (setting up or in a
+    round) is reported there and on stdout and left out of the later rounds and the rows, and the
+    others go on; without it, or for a ceiling, the error ends the run."""
     mode = "frozen" if freeze == "backbone" else "full"  # the name rows and printouts give `freeze`
-    runs = {}
-    for config in configs:
-        setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
-        model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
-        gemm = job_convs(setup, model, args.batch, args.size)
-        run_model = torch.compile(model) if config == "compiled" else model
-        first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
-        runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
-                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "first_wait": [], "data": [],
-                        "synthetic": []}
     # The ceilings run eagerly on the models of fp32-nchw and default: naive shares fp32-nchw's model,
     # layout and precision; compiled (does compiling raise it?) and the decoding variants share the default's.
     # int8-trunk and aten-norm have their own: their kernels differ.
     own = {"naive": "fp32-nchw", "fp32-nchw": "fp32-nchw", "int8-trunk": "int8-trunk", "aten-norm": "aten-norm"}
     ceiling = {c: own.get(c, "default") for c in configs}
-    ceiling = {c: m if m in runs else c for c, m in ceiling.items()}  # --configs left that model out
+    ceiling = {c: m if m in configs else c for c, m in ceiling.items()}  # --configs left that model out
     ceilings = sorted(set(ceiling.values()))
+
+    def failed(config: str, stage: str, error: Exception) -> None:
+        if failures is None or config in ceilings:
+            raise error
+        failures.append(failure(arch, mode, config, stage, error))
+        runs.pop(config, None)
+
+    runs = {}
+    for config in configs:
+        try:
+            setup = Setup(config, channel, None, args.size, args.batch, workers[config], device)
+            model, frozen, opt = build(arch, classes, freeze, setup.channels_last, device)
+            gemm = job_convs(setup, model, args.batch, args.size)
+            run_model = torch.compile(model) if config == "compiled" else model
+            first = setup.epoch(run_model, frozen, opt, 0)  # workers start, allocator warms, compiling
+        except Exception as error:  # noqa: BLE001 - reported by failed(), or raised again
+            failed(config, "setting up", error)
+            continue
+        runs[config] = {"setup": setup, "model": model, "run_model": run_model, "frozen": frozen, "opt": opt,
+                        "first": first, "gemm": gemm, "e2e": [], "wait": [], "first_wait": [], "data": [],
+                        "synthetic": []}
 
     def synthetic(c: str, steps: int):
         r = runs[c]
@@ -394,30 +414,16 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
     for c in ceilings:
         synthetic(c, 2)  # warm-up: allocator, oneDNN kernels
     for epoch in range(1, args.rounds + 1):
-        for config in configs:
-            r = runs[config]
-            # A ceiling's own configuration runs half its synthetic steps just before its end-to-end epoch
-            # and half just after (A-B-A): a host's spell, which lasts seconds, then weighs on both sides
-            # of e2e/syn alike. Measured once a round after every configuration, the same ceiling's
-            # e2e/syn ranged 0.61-1.29 over eight rounds, 0.79-1.07 so (resnet18 full, model-207 host).
-            owns, half = config in ceilings, args.steps // 2
-            sides = [synthetic(config, half)] if owns and half else []
-            # a job's epochs, one after the other: the end-to-end one, then the data path's
-            e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], 2 * epoch - 1)
-            if owns:
-                sides.append(synthetic(config, args.steps - half))
-                r["synthetic"].append(sum(x.samples for x in sides) / sum(x.seconds for x in sides))
-            r["e2e"].append(e2e.images_per_second)
-            r["wait"].append(e2e.data_wait_fraction)
-            r["first_wait"].append(r["setup"].first_wait)
-            if config != "naive":  # its data path is the PIL one in the training process: no question there
-                r["data"].append(r["setup"].data_epoch(2 * epoch))
-            settle(r["setup"].train)
+        for config in [c for c in configs if c in runs]:
+            try:
+                one_round(runs[config], config in ceilings, epoch, args.steps, lambda n, c=config: synthetic(c, n))
+            except Exception as error:  # noqa: BLE001 - reported by failed(), or raised again
+                failed(config, f"round {epoch}", error)
         for p in precisions:
             matmul[p].append(roofline.matmul_rate(device, p, *roofline.sizes(device, args.quick)))
         print_round(f"{arch} {mode}", epoch, args.rounds, runs, ceiling)
     rows = []
-    for config in configs:
+    for config in [c for c in configs if c in runs]:
         r = runs[config]
         synthetic_rounds = runs[ceiling[config]]["synthetic"]
         ceiling_rate, e2e = statistics.median(synthetic_rounds), statistics.median(r["e2e"])
@@ -453,6 +459,42 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs) -> l
               f"{e2e / ceiling_rate:.2f} (each round's own, median {by_round:.2f}), data wait "
               f"{rows[-1]['data_wait']:.1%} (first batch {rows[-1]['first_batch_wait']:.1%})", flush=True)
     return rows
+
+
+def one_round(r: dict, owns: bool, epoch: int, steps: int, synthetic) -> None:
+    """A configuration's turn in round `epoch`: its end-to-end epoch, then its data path's, and where
+    it is a ceiling (`owns`), its synthetic steps around them; synthetic(n) runs n steps."""
+    # A ceiling's own configuration runs half its synthetic steps just before its end-to-end epoch
+    # and half just after (A-B-A): a host's spell, which lasts seconds, then weighs on both sides
+    # of e2e/syn alike. Measured once a round after every configuration, the same ceiling's
+    # e2e/syn ranged 0.61-1.29 over eight rounds, 0.79-1.07 so (resnet18 full, model-207 host).
+    half = steps // 2
+    sides = [synthetic(half)] if owns and half else []
+    # a job's epochs, one after the other: the end-to-end one, then the data path's
+    e2e = r["setup"].epoch(r["run_model"], r["frozen"], r["opt"], 2 * epoch - 1)
+    if owns:
+        sides.append(synthetic(steps - half))
+        r["synthetic"].append(sum(x.samples for x in sides) / sum(x.seconds for x in sides))
+    r["e2e"].append(e2e.images_per_second)
+    r["wait"].append(e2e.data_wait_fraction)
+    r["first_wait"].append(r["setup"].first_wait)
+    if r["setup"].config != "naive":  # its data path is the PIL one in the training process: no question there
+        r["data"].append(r["setup"].data_epoch(2 * epoch))
+    settle(r["setup"].train)
+
+
+def failure(arch: str, mode: str, config: str, stage: str, error: Exception) -> dict:
+    """A configuration's error as the results file keeps it, printed where the rounds print (a device
+    reply keeps only its output's tail; the traceback goes to stderr)."""
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}" if frame else "unknown"
+    first_line = next(iter(str(error).strip().splitlines()), "")[:300]  # CUDA's errors run to many lines
+    found = {"arch": arch, "freeze": mode, "config": config, "stage": stage,
+             "error": f"{type(error).__name__}: {first_line}".rstrip(": "), "where": where}
+    print(f"  FAILED {arch} {mode} {config} ({stage}): {found['error']} (at {where}); left out of the later "
+          "rounds and the table", flush=True)
+    traceback.print_exception(error)
+    return found
 
 
 def print_round(model: str, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
@@ -660,8 +702,11 @@ def main() -> None:
     cpus, on_gpu = os.cpu_count() or 1, device.type == "cuda"
     workers = {c: 0 if c == "naive" else auto_workers(cpus, 1, on_gpu, cached=c in CACHED)
                for c in CONFIGS}
+    # A configuration that fails (a GPU-only path, say) costs its own rows, not the run's: a device
+    # lease has time for one run. The exit status still says so.
+    failures: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        rows = throughput(args, device, workers, Path(tmp)) if "throughput" in args.parts else []
+        rows = throughput(args, device, workers, Path(tmp), failures) if "throughput" in args.parts else []
         acc = accuracy(args, device, workers, Path(tmp)) if "accuracy" in args.parts else None
         frozen_acc = (accuracy(args, device, workers, Path(tmp), "backbone",
                                pretrained_backbone(args, device, workers, Path(tmp)))
@@ -677,6 +722,8 @@ def main() -> None:
     print("\ntargets")
     for t in met:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['shown']}")
+    for f in failures:
+        print(f"  FAILED   {f['arch']} {f['freeze']} {f['config']} ({f['stage']}): {f['error']} (at {f['where']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
@@ -684,8 +731,10 @@ def main() -> None:
         "batch_size": args.batch,
         "steps": args.steps, "rounds": args.rounds, "workers": workers, "quick": args.quick,
         "parts": sorted(args.parts), "rows": rows, "accuracy": acc, "frozen_accuracy": frozen_acc,
-        "targets": met}, indent=2))
+        "targets": met, "failed": failures}, indent=2))
     print(f"\nwritten to {args.out}")
+    if failures:
+        raise SystemExit(f"{len(failures)} configuration(s) failed; their errors are above and in {args.out}")
 
 
 def print_rows(args, device, host: dict, workers, rows: list[dict]) -> None:

@@ -197,6 +197,69 @@ def test_a_ceiling_is_timed_around_its_own_configurations_epoch(tmp_path, monkey
         assert line.startswith(start) and line.endswith("%"), (line, start)
 
 
+def test_a_failing_configuration_costs_its_own_rows_not_the_run(tmp_path, monkeypatch, capsys):
+    """A variant that raises in a round (as a GPU-only path might on its one device lease) is printed
+    with its error and where it was raised, left out of the later rounds and the table, and written
+    to the results file; the others are measured to the end, and the exit status says it failed."""
+    from bench import train_throughput as bench
+
+    epoch = bench.Setup.epoch
+
+    def failing_epoch(setup, model, frozen, opt, number, sched=None):
+        if setup.config == "gpu-decode" and number == 3:  # round 2's end-to-end epoch
+            raise RuntimeError("nvJPEG refused the batch\nsecond line of a long error")
+        return epoch(setup, model, frozen, opt, number, sched)
+
+    monkeypatch.setattr(bench.Setup, "epoch", failing_epoch)
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", ["bench.train_throughput", "--quick", "--parts", "throughput", "--archs",
+                                      "resnet18", "--freeze", "full", "--configs", "default,gpu-decode", "--size",
+                                      "32", "--batch", "4", "--steps", "3", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    assert stopped.value.code == f"1 configuration(s) failed; their errors are above and in {out}"
+    printed = capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert [r["config"] for r in report["rows"]] == ["default"] and len(report["rows"][0]["end_to_end_rounds"]) == 2
+    [failed] = report["failed"]
+    assert failed == {"arch": "resnet18", "freeze": "full", "config": "gpu-decode", "stage": "round 2",
+                      "error": "RuntimeError: nvJPEG refused the batch", "where": "test_bench.py:"
+                      f"{failing_epoch.__code__.co_firstlineno + 2} in failing_epoch"}
+    rounds = [line.strip().split(":")[0] for line in printed.out.splitlines() if line.strip().startswith("round ")]
+    assert rounds == ["round 1/2 resnet18 full default", "round 1/2 resnet18 full gpu-decode",
+                      "round 2/2 resnet18 full default"]
+    assert ("FAILED resnet18 full gpu-decode (round 2): RuntimeError: nvJPEG refused the batch (at "
+            f"{failed['where']}); left out of the later rounds and the table") in printed.out
+    assert "FAILED   resnet18 full gpu-decode (round 2): RuntimeError: nvJPEG refused the batch" in printed.out
+    assert "second line of a long error" in printed.err  # the whole traceback, on stderr
+    table = printed.out.split("arch      mode")[1]
+    assert "resnet18  full    default" in table and "gpu-decode" not in table.split("targets")[0]
+
+
+def test_a_failing_ceiling_still_ends_the_run(tmp_path, monkeypatch):
+    """The default is the other configurations' synthetic ceiling: without it no ratio is measured,
+    so its error ends the run as before, failures list or not."""
+    from argparse import Namespace
+
+    from bench import train_throughput as bench
+
+    def failing_epoch(setup, *args, **kwargs):
+        raise RuntimeError(f"{setup.config} cannot train here")
+
+    monkeypatch.setattr(bench.Setup, "epoch", failing_epoch)
+    args = Namespace(size=32, batch=4, steps=3, rounds=2, quick=True)
+    channel = bench.photo_channel(tmp_path / "photos", args.batch * args.steps, 3)
+    workers = dict.fromkeys(bench.CONFIGS, 0)
+    failures = []
+    with pytest.raises(RuntimeError, match="default cannot train here"):
+        bench.measure(args, torch.device("cpu"), workers, channel, 3, "resnet18", "none", ("default", "gpu-decode"),
+                      failures)
+    assert failures == []
+    # without a failures list, a variant's error ends the run too (the old behaviour, for callers that want it)
+    with pytest.raises(RuntimeError, match="gpu-decode cannot train here"):
+        bench.measure(args, torch.device("cpu"), workers, channel, 3, "resnet18", "none", ("gpu-decode",))
+
+
 def test_naive_accuracy_runs_see_the_defaults_draws(tmp_path):
     """In the accuracy parts a seed's naive run trains on the default's batches: the same samples in
     the same order, each with the same crop and flip, resampled by PIL instead of torch (within a
@@ -478,8 +541,14 @@ def test_optimizer_probe_quick_run(tmp_path):
 def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
     """bench/gpu_check.sh, the device lease's one command, run here on the CPU with tiny sizes: the
     figures in train.log and on stdout, the stack dumps only in stacks.log, and a run its limit ends
-    still prints what it measured and says why it stopped."""
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+    still prints what it measured and says why it stopped. Run by an interpreter without the packages
+    the device image lacks (tests/device_image.py)."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "device_image.py"}" "$@"\n')
+    python.chmod(0o755)
+    absent = subprocess.run([str(python), "-c", "import smdebug"], cwd=ROOT, capture_output=True, text=True)
+    assert absent.returncode == 1 and "No module named 'smdebug' (not on the device image)" in absent.stderr
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python),
            "GPU_CHECK_ARGS": "--quick --archs resnet18 --steps 3 --stacks 0.5"}
     result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
