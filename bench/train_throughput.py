@@ -414,7 +414,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs,
     for c in ceilings:
         synthetic(c, 2)  # warm-up: allocator, oneDNN kernels
     for epoch in range(1, args.rounds + 1):
-        for config in [c for c in configs if c in runs]:
+        for config in list(runs):  # a copy: a configuration that fails leaves runs
             try:
                 one_round(runs[config], config in ceilings, epoch, args.steps, lambda n, c=config: synthetic(c, n))
             except Exception as error:  # noqa: BLE001 - reported by failed(), or raised again
@@ -423,7 +423,7 @@ def measure(args, device, workers, channel, classes, arch, freeze, configs,
             matmul[p].append(roofline.matmul_rate(device, p, *roofline.sizes(device, args.quick)))
         print_round(f"{arch} {mode}", epoch, args.rounds, runs, ceiling)
     rows = []
-    for config in [c for c in configs if c in runs]:
+    for config in runs:
         r = runs[config]
         synthetic_rounds = runs[ceiling[config]]["synthetic"]
         ceiling_rate, e2e = statistics.median(synthetic_rounds), statistics.median(r["e2e"])
@@ -491,10 +491,13 @@ def failure(arch: str, mode: str, config: str, stage: str, error: Exception) -> 
     first_line = next(iter(str(error).strip().splitlines()), "")[:300]  # CUDA's errors run to many lines
     found = {"arch": arch, "freeze": mode, "config": config, "stage": stage,
              "error": f"{type(error).__name__}: {first_line}".rstrip(": "), "where": where}
-    print(f"  FAILED {arch} {mode} {config} ({stage}): {found['error']} (at {where}); left out of the later "
-          "rounds and the table", flush=True)
+    print(f"  FAILED {failure_line(found)}; left out of the later rounds and the table", flush=True)
     traceback.print_exception(error)
     return found
+
+
+def failure_line(found: dict) -> str:
+    return f"{found['arch']} {found['freeze']} {found['config']} ({found['stage']}): {found['error']} (at {found['where']})"
 
 
 def print_round(model: str, number: int, rounds: int, runs: dict, ceiling: dict) -> None:
@@ -723,7 +726,7 @@ def main() -> None:
     for t in met:
         print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['shown']}")
     for f in failures:
-        print(f"  FAILED   {f['arch']} {f['freeze']} {f['config']} ({f['stage']}): {f['error']} (at {f['where']})")
+        print(f"  FAILED   {failure_line(f)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
