@@ -58,6 +58,7 @@ def test_the_check_sees_a_broken_anchor_and_a_dangling_footnote(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("# Runs — 2026-12-06 (later)\n\nSee [it](#runs--2026-12-06-later) [^a] [^b]; "
                     "[gone](#runs-2026-12-06) [^c].\n\n```\n# not a heading\n```\n\n"
+                    "## Runs — 2026-12-06 (later)\n\n[the second](#runs--2026-12-06-later-1)\n\n"
                     "[^a]: [x](#runs--2026-12-06-later)\n[^b]: [y](other.md)\n[^d]: [z](#not-a-heading)\n")
     assert problems(page) == ["link to no heading: #runs-2026-12-06", "link to a missing file: other.md",
                               "link to no heading: #not-a-heading", "footnote [^c] used, never defined",
