@@ -8,13 +8,18 @@
 # fails (pin-thread, uncached, gpu-decode: paths only a GPU runs) is printed as FAILED and the
 # others go on; the default's failure ends the run. tests/test_bench.py runs this script without
 # the packages the device image lacks (tests/device_image.py).
-# GPU_CHECK_LIMIT: seconds for the benchmark (default 420, most of a 15-minute lease after its start).
-# GPU_CHECK_ARGS: more bench.train_throughput arguments; later ones win (the tests run it on a CPU
-# with --quick and tiny sizes). PYTHON: the interpreter (default python3).
+# Then two real training jobs (bench.job_check: `python -m train` as SageMaker starts it, resnet50
+# by default and resnet18 frozen with nvJPEG): no job has run on a GPU before. Their summary is
+# printed, each job's log and metrics come back as $OUT/job_*.
+# GPU_CHECK_LIMIT: seconds for the benchmark (default 400); GPU_CHECK_JOB_LIMIT: for both jobs
+# (default 140; 60 each). Both and the start fit a 15-minute lease: run it with timeout_s 560.
+# GPU_CHECK_ARGS, GPU_CHECK_JOB_ARGS: more bench.train_throughput / bench.job_check arguments; later
+# ones win (the tests run both on a CPU with --quick). PYTHON: the interpreter (default python3).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 py=${PYTHON:-python3}
-limit=${GPU_CHECK_LIMIT:-420}
+limit=${GPU_CHECK_LIMIT:-400}
+job_limit=${GPU_CHECK_JOB_LIMIT:-140}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -43,4 +48,14 @@ if [ "$rc" -ne 0 ]; then
     echo "--- the last lines of $out/stacks.log (stderr and the stack dumps):"
     tail -n 40 "$out/stacks.log"
 fi
-exit "$rc"
+
+echo "--- real training jobs (bench.job_check)"
+# shellcheck disable=SC2086  # GPU_CHECK_JOB_ARGS is a list of arguments
+timeout --kill-after=10 "$job_limit" "$py" -m bench.job_check --python "$py" --limit 60 \
+    --out "$out/jobs.json" ${GPU_CHECK_JOB_ARGS:-} 2>&1 | tee "$out/jobs.log"
+job_rc=${PIPESTATUS[0]}
+if [ "$job_rc" -eq 124 ] || [ "$job_rc" -eq 137 ]; then
+    echo "bench.job_check: its limit of $job_limit s ended it (exit $job_rc)"
+fi
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$job_rc"

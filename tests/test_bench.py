@@ -549,7 +549,7 @@ def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
     absent = subprocess.run([str(python), "-c", "import smdebug"], cwd=ROOT, capture_output=True, text=True)
     assert absent.returncode == 1 and "No module named 'smdebug' (not on the device image)" in absent.stderr
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(python),
-           "GPU_CHECK_ARGS": "--quick --archs resnet18 --steps 3 --stacks 0.5"}
+           "GPU_CHECK_ARGS": "--quick --archs resnet18 --steps 3 --stacks 0.5", "GPU_CHECK_JOB_ARGS": "--quick"}
     result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -563,9 +563,54 @@ def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
     assert log in result.stdout and "Timeout (0:00:00.500000)!" not in result.stdout
     assert sum(line.strip().startswith("round ") for line in log.splitlines()) == 4 and "e2e/syn" in log
     assert "Timeout (0:00:00.500000)!" in (out / "stacks.log").read_text()
+    # then the real jobs, on the same interpreter: their summary printed, logs and metrics kept
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert [(j["job"], j["status"], j["exit"]) for j in jobs] == [("default", "ok", 0), ("gpu-decode", "ok", 0)]
+    for j in jobs:
+        assert len(j["epochs"]) == 2 and all(e["images_per_sec"] > 0 for e in j["epochs"])
+        assert {"model.pt", "model.json"} <= set(j["model_files"]) and "on cpu" in j["model_line"]
+        assert j["checkpoint_files"] and f"checkpoints: {j['checkpoint_files'][0]}" in result.stdout
+        assert (out / f"job_{j['job']}.log").read_text().count("[metrics] epoch=") == 2
+        assert f"job {j['job']} (" in result.stdout
+    assert jobs[1]["hyperparameters"]["gpu-decode"] == "true" and "freeze=backbone" in jobs[1]["model_line"]
+    assert "2 of 2 jobs finished" in result.stdout
 
-    env["GPU_CHECK_LIMIT"], env["OUT"] = "1", str(tmp_path / "cut")
+    env["GPU_CHECK_LIMIT"], env["GPU_CHECK_JOB_LIMIT"], env["OUT"] = "1", "1", str(tmp_path / "cut")
     cut = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode == 124
     assert "its limit of 1 s ended it (exit 124)" in cut.stdout and "the last lines of" in cut.stdout
+    assert "bench.job_check: its limit of 1 s ended it (exit 124)" in cut.stdout
+
+
+def test_the_job_check_says_why_a_job_did_not_finish(tmp_path):
+    """bench.job_check on a job that fails (its failure file's message) and on one its limit ends
+    (where its main thread was, from faulthandler), each with exit status 1; bad arguments answer 2."""
+    def check(*args):
+        return subprocess.run([sys.executable, "-m", "bench.job_check", "--quick", "--out", str(tmp_path / "j.json"),
+                               *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    failed = check("--jobs", "default", "--set", "lr=-1")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    job = json.loads((tmp_path / "j.json").read_text())["jobs"][0]
+    assert (job["status"], job["exit"], job["hyperparameters"]["lr"]) == ("failed", 1, "-1")
+    assert "hyperparameter 'lr' = '-1' is not valid" in job["failure"]
+    assert "failure file: Bad hyperparameters: hyperparameter 'lr'" in failed.stdout
+    assert "0 of 1 jobs finished; not finished: default" in failed.stdout
+
+    cut = check("--jobs", "gpu-decode", "--limit", "4")
+    assert cut.returncode == 1, cut.stdout + cut.stderr
+    job = json.loads((tmp_path / "j.json").read_text())["jobs"][0]
+    assert job["status"] == "timed out" and job["failure"] is None and job["model_files"] == []
+    assert job["stack"] and all(line.startswith('File "') for line in job["stack"])
+    assert "where its main thread was, innermost first:" in cut.stdout and job["stack"][0] in cut.stdout
+
+    for args, message in ((["--set", "lr"], "--set takes NAME=VALUE, got 'lr'"),
+                          (["--jobs", "nope"], "--jobs takes names among default, gpu-decode"),
+                          (["--limit", "0"], "--limit takes a positive number of seconds")):
+        bad = check(*args)
+        assert bad.returncode == 2 and message in bad.stderr
+    if not torch.cuda.is_available():  # a GPU's sizes on a CPU: refused, not left to time out
+        bad = subprocess.run([sys.executable, "-m", "bench.job_check"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and "without --quick the jobs are a GPU's" in bad.stderr
