@@ -37,8 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # weights=none: nothing to download (a pretrained start is the CPU tests' part).
 JOBS = {
     "default": {"arch": "resnet50", "weights": "none", "epochs": "4"},
-    "gpu-decode": {"arch": "resnet18", "weights": "none", "freeze": "backbone", "gpu-decode": "true", "epochs": "3"},
+    # cache-images=false: images decoded once in memory would turn gpu-decode off
+    "gpu-decode": {"arch": "resnet18", "weights": "none", "freeze": "backbone", "gpu-decode": "true",
+                   "cache-images": "false", "epochs": "3"},
 }
+LOGGED = ("model", "decode once", "gpu-decode", "random crop", "data")  # what a job's log says it ran
 # (image px, train and test images per class, hyperparameters for every job)
 SIZES = {"full": (256, 800, 50, {}),
          "quick": (48, 12, 3, {"image-size": "32", "batch-size": "8", "num-workers": "0", "epochs": "2",
@@ -111,18 +114,17 @@ def run_job(name: str, hps: dict, data: Path, work: Path, python: list[str], lim
 
 
 def outcome(base: Path, log: str) -> dict:
-    """What a job left: the log's lines on its model and loader, the metrics file's epochs and final
+    """What a job left: its log's lines on its model and data path, the metrics file's epochs and final
     figures, the model and checkpoint directories' files, its failure file, where an aborted job's
     main thread was, and the log's end."""
     lines = log.splitlines()
-    found = {key: next((ln.split(" INFO ", 1)[1] for ln in lines if f" INFO {key}: " in ln), None)
-             for key in ("model", "data")}
+    said = [next((ln.split(" INFO ", 1)[1] for ln in lines if f" INFO {key}: " in ln), None) for key in LOGGED]
     metrics_path = base / "output" / "data" / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     final = metrics.get("final", {})
     failure = base / "output" / "failure"
     model_dir, checkpoints = base / "model", base / "checkpoints"
-    return {"model_line": found["model"], "data_line": found["data"],
+    return {"logged": [line for line in said if line],
             "epochs": [{k: e.get(k) for k in ("epoch", "images_per_sec", "data_wait", "valid_acc")}
                        for e in metrics.get("history", [])],
             **{k: final.get(k) for k in ("test_acc", "bf16_top1_agreement", "int8_top1_agreement")},
@@ -149,7 +151,7 @@ def _figure(value, fmt: str) -> str:
 def report_lines(r: dict) -> list[str]:
     hps = " ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
     out = [f"job {r['job']} ({hps}): {r['status']}, exit {r['exit']}, {r['seconds']} s"]
-    out += [f"  {line}" for line in (r["model_line"], r["data_line"]) if line]
+    out += [f"  {line}" for line in r["logged"]]
     if r["epochs"]:
         out.append("  " + "; ".join(f"epoch {e['epoch']}: {_figure(e['images_per_sec'], '.0f')} img/s, data wait "
                                     f"{_figure(e['data_wait'], '.3f')}" for e in r["epochs"]))

@@ -568,11 +568,15 @@ def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
     assert [(j["job"], j["status"], j["exit"]) for j in jobs] == [("default", "ok", 0), ("gpu-decode", "ok", 0)]
     for j in jobs:
         assert len(j["epochs"]) == 2 and all(e["images_per_sec"] > 0 for e in j["epochs"])
-        assert {"model.pt", "model.json"} <= set(j["model_files"]) and "on cpu" in j["model_line"]
+        assert {"model.pt", "model.json"} <= set(j["model_files"]) and "on cpu" in j["logged"][0]
         assert j["checkpoint_files"] and f"checkpoints: {j['checkpoint_files'][0]}" in result.stdout
         assert (out / f"job_{j['job']}.log").read_text().count("[metrics] epoch=") == 2
         assert f"job {j['job']} (" in result.stdout
-    assert jobs[1]["hyperparameters"]["gpu-decode"] == "true" and "freeze=backbone" in jobs[1]["model_line"]
+    assert jobs[1]["hyperparameters"]["gpu-decode"] == "true" and "freeze=backbone" in jobs[1]["logged"][0]
+    # the decoder it is named for ran: not turned off by images decoded once
+    assert any(line.startswith("gpu-decode: training JPEGs decode a batch at a time on cpu")
+               for line in jobs[1]["logged"])
+    assert any(line.startswith("decode once:") for line in jobs[0]["logged"])
     assert "2 of 2 jobs finished" in result.stdout
 
     env["GPU_CHECK_LIMIT"], env["GPU_CHECK_JOB_LIMIT"], env["OUT"] = "1", "1", str(tmp_path / "cut")
