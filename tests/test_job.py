@@ -276,8 +276,13 @@ def test_a_debugger_that_saves_activations_keeps_the_frozen_backbone_eager(tiny_
     assert any(n.startswith("layer3.") and n.endswith("relu_input_0") for n in names), names[:20]
 
 
-def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):
+def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path, monkeypatch):
+    import tempfile
+
     from train.debugger import relocate
+
+    # The relocated copies' folders (Debugger.create removes them) land in tmp_path, not in /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     config = tmp_path / "debughookconfig.json"
     config.write_text(json.dumps({"LocalPath": "/opt/ml/output/tensors", "HookParameters": {"save_interval": "5"}}))
@@ -288,6 +293,7 @@ def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path):
     assert json.loads(relocate(config, tmp_path / "run").read_text())["LocalPath"] == str(tmp_path / "run/output/tensors")
     config.write_text(json.dumps({"LocalPath": str(tmp_path / "mine")}))
     assert relocate(config, tmp_path / "run") == config
+    assert len(list(tmp_path.glob("debughook-*"))) == 2  # the two copies above, nowhere else
 
 
 def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
