@@ -50,10 +50,10 @@ CHUNK = 100  # images a drawing process writes at a time; the chunks, not the CP
 
 
 def _draw_chunk(task: tuple) -> None:
-    folder, shape, start, count, size, seed = task
-    rng = random.Random(f"{seed}/{folder}/{start}")
+    root, split, shape, start, count, size, seed = task
+    rng = random.Random(f"{seed}/{split}/{shape}/{start}")
     for i in range(start, start + count):
-        draw(shape, size, rng).save(Path(folder) / f"{shape}_{i:05d}.jpg", quality=90)
+        draw(shape, size, rng).save(Path(root) / split / shape / f"{shape}_{i:05d}.jpg", quality=90)
 
 
 def make_shapes(root: Path, size: int, per_class: int, test_per_class: int, seed: int = 0) -> None:
@@ -61,9 +61,8 @@ def make_shapes(root: Path, size: int, per_class: int, test_per_class: int, seed
     tasks = []
     for split, count in (("train", per_class), ("test", test_per_class)):
         for shape in SHAPES:
-            folder = root / split / shape
-            folder.mkdir(parents=True)
-            tasks += [(str(folder), shape, i, min(CHUNK, count - i), size, seed) for i in range(0, count, CHUNK)]
+            (root / split / shape).mkdir(parents=True)
+            tasks += [(str(root), split, shape, i, min(CHUNK, count - i), size, seed) for i in range(0, count, CHUNK)]
     with ProcessPoolExecutor(max(1, min(len(tasks), os.cpu_count() or 1))) as pool:
         list(pool.map(_draw_chunk, tasks))
 

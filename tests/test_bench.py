@@ -618,3 +618,21 @@ def test_the_job_check_says_why_a_job_did_not_finish(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "bench.job_check"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 2 and "without --quick the jobs are a GPU's" in bad.stderr
+
+
+def test_the_job_checks_shapes_are_fixed_by_their_chunks(tmp_path, monkeypatch):
+    """bench.job_check draws its images in chunks, each from its own seed: the same files in any
+    folder and with any number of drawing processes."""
+    import hashlib
+
+    from bench import job_check
+
+    def drawn(root, cpus):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        job_check.make_shapes(root, 24, job_check.CHUNK + 20, 2)
+        files = sorted(root.glob("*/*/*.jpg"))
+        return [p.relative_to(root) for p in files], hashlib.sha256(b"".join(p.read_bytes() for p in files)).digest()
+
+    names, one = drawn(tmp_path / "a", 1)
+    assert len(names) == 6 * (job_check.CHUNK + 20 + 2)
+    assert drawn(tmp_path / "b", 2) == (names, one)
