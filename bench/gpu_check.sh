@@ -9,17 +9,18 @@
 # others go on; the default's failure ends the run. tests/test_bench.py runs this script without
 # the packages the device image lacks (tests/device_image.py).
 # Then two real training jobs (bench.job_check: `python -m train` as SageMaker starts it, resnet50
-# by default and resnet18 frozen with nvJPEG): no job has run on a GPU before. Their summary is
-# printed, each job's log and metrics come back as $OUT/job_*.
-# GPU_CHECK_LIMIT: seconds for the benchmark (default 400); GPU_CHECK_JOB_LIMIT: for both jobs
-# (default 140; 60 each). Both and the start fit a 15-minute lease: run it with timeout_s 560.
+# by default and resnet18 frozen with nvJPEG), and the first one's model served on the GPU and the
+# CPU through the endpoint's predictor: no job has run on a GPU before. Their summary is printed,
+# each job's log and metrics come back as $OUT/job_*.
+# GPU_CHECK_LIMIT: seconds for the benchmark (default 380); GPU_CHECK_JOB_LIMIT: for the jobs and
+# the serving (default 160; 60 a job). Both and the start fit a 15-minute lease: timeout_s 560.
 # GPU_CHECK_ARGS, GPU_CHECK_JOB_ARGS: more bench.train_throughput / bench.job_check arguments; later
 # ones win (the tests run both on a CPU with --quick). PYTHON: the interpreter (default python3).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 py=${PYTHON:-python3}
-limit=${GPU_CHECK_LIMIT:-400}
-job_limit=${GPU_CHECK_JOB_LIMIT:-140}
+limit=${GPU_CHECK_LIMIT:-380}
+job_limit=${GPU_CHECK_JOB_LIMIT:-160}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 

@@ -170,6 +170,52 @@ def report_lines(r: dict) -> list[str]:
     return out
 
 
+def serve_check(model_dir: Path, test_dir: Path, device: str, repeats: int = 10) -> list[dict]:
+    """A finished job's artifact as the endpoint serves it (serve.predictor, the handler's model,
+    without MMS, which the device image lacks): on `device` in fp32, then with precision=auto there
+    and on the CPU. Per row the precision picked and why, accuracy over the test JPEGs, top-1
+    agreement with the fp32 row, and the median in-process time of a 1-image request and one of up
+    to 32 images (decode, preprocess, forward)."""
+    from serve.predictor import Predictor
+
+    paths = sorted(test_dir.glob("*/*.jpg"))
+    payloads, labels = [p.read_bytes() for p in paths], [p.parent.name for p in paths]
+    rows, first = [], None
+    for where, precision in dict.fromkeys([(device, "fp32"), (device, "auto"), ("cpu", "auto")]):
+        predictor = Predictor.from_model_dir(model_dir, where, precision=precision)
+        predictor.warm_up()
+        top1 = predictor.predict(payloads).argmax(1)
+        first = top1 if first is None else first
+        names = [predictor.class_names[i] for i in top1]
+        batch = min(32, len(payloads))
+        ms = {}
+        for n in (1, batch):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                predictor.predict(payloads[:n])
+                times.append(1000 * (time.perf_counter() - start))
+            ms[n] = sorted(times)[len(times) // 2]
+        rows.append({"device": str(predictor.device), "requested": precision, "precision": predictor.precision,
+                     "why": predictor.precision_reason, "images": len(paths),
+                     "accuracy": sum(a == b for a, b in zip(names, labels, strict=True)) / max(1, len(paths)),
+                     "agreement_with_fp32": float((top1 == first).mean()), "ms_1": ms[1], "batch": batch,
+                     "ms_batch": ms[batch]})
+    return rows
+
+
+def serve_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for i, r in enumerate(rows):
+        agree = "" if i == 0 else f", top-1 agreement with fp32 {r['agreement_with_fp32']:.3f}"
+        out.append(f"  served on {r['device']}, {r['requested']} -> {r['precision']}: accuracy {r['accuracy']:.3f} over "
+                   f"{r['images']} test JPEGs{agree}; in process {r['ms_1']:.1f} ms for 1 image, "
+                   f"{r['ms_batch']:.1f} ms for {r['batch']}")
+        if r["requested"] == "auto":
+            out.append(f"    ({r['why']})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and resnet18: a smoke run on any device")
@@ -218,11 +264,26 @@ def main(argv: list[str] | None = None) -> int:
             for src, suffix in (("job.log", ".log"), ("output/data/metrics.json", "_metrics.json")):
                 if (work / name / src).is_file():
                     shutil.copy(work / name / src, args.out.with_name(f"job_{name}{suffix}"))
+        served = next((r["job"] for r in results if r["status"] == "ok"), None)
+        serving = {"job": served}
+        if served is not None:
+            job_acc = next(r["test_acc"] for r in results if r["job"] == served)
+            print(f"the {served} job's model as the endpoint serves it (serve.predictor; the job's own test accuracy, "
+                  f"in its training precision: {_figure(job_acc, '.3f')})", flush=True)
+            try:
+                serving["rows"] = serve_check(work / served / "model", work / "data" / "test",
+                                              "cuda" if num_gpus else "cpu")
+                print("\n".join(serve_lines(serving["rows"])), flush=True)
+            except Exception as exc:  # noqa: BLE001 — whatever fails is the finding; printed, exit 1
+                serving["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  FAILED: {serving['error']}", flush=True)
     failed = [r["job"] for r in results if r["status"] != "ok"]
-    args.out.write_text(json.dumps({"gpus": num_gpus, "quick": args.quick, "jobs": results}, indent=2))
+    args.out.write_text(json.dumps({"gpus": num_gpus, "quick": args.quick, "jobs": results, "serving": serving},
+                                   indent=2))
     print(f"{len(results) - len(failed)} of {len(results)} jobs finished"
-          + (f"; not finished: {', '.join(failed)}" if failed else "") + f"; results in {args.out}")
-    return 1 if failed else 0
+          + (f"; not finished: {', '.join(failed)}" if failed else "")
+          + ("; serving failed" if "error" in serving else "") + f"; results in {args.out}")
+    return 1 if failed or "error" in serving else 0
 
 
 if __name__ == "__main__":

@@ -564,7 +564,8 @@ def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
     assert sum(line.strip().startswith("round ") for line in log.splitlines()) == 4 and "e2e/syn" in log
     assert "Timeout (0:00:00.500000)!" in (out / "stacks.log").read_text()
     # then the real jobs, on the same interpreter: their summary printed, logs and metrics kept
-    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    checked = json.loads((out / "jobs.json").read_text())
+    jobs = checked["jobs"]
     assert [(j["job"], j["status"], j["exit"]) for j in jobs] == [("default", "ok", 0), ("gpu-decode", "ok", 0)]
     for j in jobs:
         assert len(j["epochs"]) == 2 and all(e["images_per_sec"] > 0 for e in j["epochs"])
@@ -578,6 +579,15 @@ def test_the_gpu_check_keeps_its_rounds_apart_from_the_stack_dumps(tmp_path):
                for line in jobs[1]["logged"])
     assert any(line.startswith("decode once:") for line in jobs[0]["logged"])
     assert "2 of 2 jobs finished" in result.stdout
+    # the default job's artifact through the server's model (serve.predictor), fp32 first, on the CPU here
+    serving = checked["serving"]
+    assert serving["job"] == "default" and "error" not in serving
+    assert [(r["device"], r["requested"]) for r in serving["rows"]] == [("cpu", "fp32"), ("cpu", "auto")]
+    for r in serving["rows"]:
+        assert r["images"] == 18 and 0 <= r["accuracy"] <= 1 and 0 <= r["agreement_with_fp32"] <= 1
+        assert r["ms_1"] > 0 and r["ms_batch"] > 0 and r["batch"] == 18
+        assert f"served on cpu, {r['requested']} -> {r['precision']}: accuracy {r['accuracy']:.3f}" in result.stdout
+    assert serving["rows"][0]["agreement_with_fp32"] == 1.0 and serving["rows"][1]["why"]
 
     env["GPU_CHECK_LIMIT"], env["GPU_CHECK_JOB_LIMIT"], env["OUT"] = "1", "1", str(tmp_path / "cut")
     cut = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -636,3 +646,21 @@ def test_the_job_checks_shapes_are_fixed_by_their_chunks(tmp_path, monkeypatch):
     names, one = drawn(tmp_path / "a", 1)
     assert len(names) == 6 * (job_check.CHUNK + 20 + 2)
     assert drawn(tmp_path / "b", 2) == (names, one)
+
+
+def test_the_job_check_reports_a_serving_failure(tmp_path, monkeypatch, capsys):
+    """When the finished job's model cannot be served, bench.job_check says so and exits 1."""
+    import signal
+
+    from bench import job_check
+
+    def broken(*_):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(job_check, "serve_check", broken)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # main's SIGTERM handler is the script's, not pytest's
+    assert job_check.main(["--quick", "--jobs", "default", "--out", str(tmp_path / "j.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: no kernel for this device" in out and "1 of 1 jobs finished; serving failed" in out
+    assert json.loads((tmp_path / "j.json").read_text())["serving"] == {
+        "job": "default", "error": "RuntimeError: no kernel for this device"}
