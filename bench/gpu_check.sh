@@ -12,15 +12,15 @@
 # by default and resnet18 frozen with nvJPEG), and the first one's model served on the GPU and the
 # CPU through the endpoint's predictor: no job has run on a GPU before. Their summary is printed,
 # each job's log and metrics come back as $OUT/job_*.
-# GPU_CHECK_LIMIT: seconds for the benchmark (default 380); GPU_CHECK_JOB_LIMIT: for the jobs and
-# the serving (default 160; 60 a job). Both and the start fit a 15-minute lease: timeout_s 560.
+# GPU_CHECK_LIMIT: seconds for the benchmark (default 360); GPU_CHECK_JOB_LIMIT: for the jobs and
+# the serving (default 180; 75 a job). Both and the start fit a 15-minute lease: timeout_s 560.
 # GPU_CHECK_ARGS, GPU_CHECK_JOB_ARGS: more bench.train_throughput / bench.job_check arguments; later
 # ones win (the tests run both on a CPU with --quick). PYTHON: the interpreter (default python3).
 set -uo pipefail
 out=${OUT:-bench/results/gpu}
 py=${PYTHON:-python3}
-limit=${GPU_CHECK_LIMIT:-380}
-job_limit=${GPU_CHECK_JOB_LIMIT:-160}
+limit=${GPU_CHECK_LIMIT:-360}
+job_limit=${GPU_CHECK_JOB_LIMIT:-180}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -52,7 +52,7 @@ fi
 
 echo "--- real training jobs (bench.job_check)"
 # shellcheck disable=SC2086  # GPU_CHECK_JOB_ARGS is a list of arguments
-timeout --kill-after=10 "$job_limit" "$py" -m bench.job_check --python "$py" --limit 60 \
+timeout --kill-after=10 "$job_limit" "$py" -m bench.job_check --python "$py" --limit 75 \
     --out "$out/jobs.json" ${GPU_CHECK_JOB_ARGS:-} 2>&1 | tee "$out/jobs.log"
 job_rc=${PIPESTATUS[0]}
 if [ "$job_rc" -eq 124 ] || [ "$job_rc" -eq 137 ]; then

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default=",".join(JOBS), help=f"which jobs, comma-separated: {', '.join(JOBS)}")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a hyperparameter for every job, after the job's own (repeatable), e.g. compile=true")
-    p.add_argument("--limit", type=float, default=60.0, help="seconds each job may run (default 60)")
+    p.add_argument("--limit", type=float, default=75.0, help="seconds each job may run (default 75)")
     p.add_argument("--python", default=sys.executable, help="the interpreter the jobs run on (default this one)")
     p.add_argument("--out", type=Path, default=Path("bench/results/job_check.json"))
     args = p.parse_args(argv)
