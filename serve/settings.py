@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from imgcls.errors import ClassifierError
 from imgcls.images import DEFAULT_MAX_PIXELS
@@ -121,29 +122,34 @@ class _Env:
         raise SettingsError(f"{name}={raw!r} is not a boolean; use true or false.")
 
 
-def available_cpus() -> int:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = cgroup_cpu_quota(cgroup_root)
     if quota:
         cpus = min(cpus, max(1, math.floor(quota)))
     return max(1, cpus)
 
 
-def _cgroup_cpu_quota() -> float | None:
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:  # cgroup v2: "max 100000" or "200000 100000"
-            quota, period = fh.read().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time the cgroup may use (1.5: one and a half), None without a limit: cgroup
+    v2's cpu.max, else v1's cfs quota and period (docker on older hosts)."""
+    try:  # v2: "max 100000" (no limit) or "200000 100000"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            return int(quota) / int(period)
     except (OSError, ValueError):
-        pass  # no cgroup v2 CPU limit here: try cgroup v1 below
+        pass  # no v2 CPU controller here, or a file it did not write: try v1 below
     try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
-            quota_us, period_us = int(q.read()), int(p.read())
-            return None if quota_us <= 0 else quota_us / period_us
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None
 

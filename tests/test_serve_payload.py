@@ -143,6 +143,39 @@ def test_concurrency_plan_never_oversubscribes():
         plan_concurrency(4, 0, workers="many")
 
 
+def test_a_containers_cgroup_cpu_quota_caps_the_cpus(tmp_path):
+    """cgroup v2's cpu.max first, else v1's cfs quota over period (docker on older hosts); no limit,
+    no files or files the kernel would not write: no cap, never an error at start-up."""
+    import os
+
+    from serve.settings import available_cpus, cgroup_cpu_quota
+
+    def root(v2=None, v1=None):
+        r = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        (r / "cpu").mkdir(parents=True)
+        if v2 is not None:
+            (r / "cpu.max").write_text(v2)
+        if v1 is not None:
+            (r / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
+            (r / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
+        return r
+
+    assert cgroup_cpu_quota(root(v2="150000 100000\n")) == 1.5
+    assert cgroup_cpu_quota(root(v2="max 100000\n")) is None
+    assert cgroup_cpu_quota(root(v1=("200000\n", "100000\n"))) == 2.0  # v1 alone
+    assert cgroup_cpu_quota(root(v2="max 100000", v1=("50000", "100000"))) == 0.5  # v2 says no limit; v1 has one
+    assert cgroup_cpu_quota(root(v1=("-1\n", "100000\n"))) is None  # v1's "no limit"
+    for v2, v1 in (("", None), ("100000 0", None), ("lots 100000", None), (None, ("100000", "0")),
+                   (None, ("x", "100000"))):
+        assert cgroup_cpu_quota(root(v2=v2, v1=v1)) is None, (v2, v1)
+    assert cgroup_cpu_quota(tmp_path / "absent") is None
+
+    mask = len(os.sched_getaffinity(0))
+    assert available_cpus(root(v2="50000 100000")) == 1  # half a CPU still gets one worker
+    assert available_cpus(root(v2=f"{(mask + 4) * 100000} 100000")) == mask  # never above the affinity mask
+    assert available_cpus(tmp_path / "absent") == mask
+
+
 def test_status_mapping():
     from imgcls.errors import ImageDecodeError, ImageTooLargeError
     assert status_of(ImageDecodeError("x")) == 400
