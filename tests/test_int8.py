@@ -138,3 +138,32 @@ def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
     # Saving new weights removes an int8 model made from the old ones.
     _artifact(tmp_path, model, None)
     assert not (model_dir / artifact.INT8_FILE).exists()
+
+
+def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model):
+    """train.job runs eager fp32 over the report images once: top1_agreement keeps its top-1
+    classes and int8.build compares int8 against them, to the same agreement and count as when it
+    runs fp32 itself, without calling the model again."""
+    from train import int8
+    from train.engine import Batcher, top1_agreement
+
+    batcher = Batcher(torch.device("cpu"), normalize=None, channels_last=False)
+    loader = [(_images(8, seed), torch.zeros(8, dtype=torch.long)) for seed in (3, 4, 5)]  # floats: only moved
+    calibration = loader[:1]
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        references = []
+        top1_agreement(model, loader, batcher, torch.bfloat16, references=references)
+        assert [r.shape for r in references] == [torch.Size([8])] * 3
+        calls.clear()
+        _, agreement, compared = int8.build(model, calibration, loader, batcher, limit=20)
+        fp32_calls = len(calls)
+        calls.clear()
+        _, reused, reused_compared = int8.build(model, calibration, loader, batcher, limit=20, references=references)
+        assert (reused, reused_compared) == (agreement, compared) and compared == 20  # the last batch cut to 4
+        assert fp32_calls == 3 and calls == []  # the model itself: never, with the references
+        flipped = [(r + 1) % len(CLASSES) for r in references]  # other classes: the comparison reads them
+        assert int8.build(model, calibration, loader, batcher, limit=20, references=flipped)[1] < agreement
+    finally:
+        hook.remove()

@@ -141,10 +141,13 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
 
 
 @torch.inference_mode()
-def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype, reduce=None) -> float:
+def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype, reduce=None,
+                   references: list | None = None) -> float:
     """Share of images whose top-1 class is the same in dtype, run as the endpoint runs the model
     (imgcls.inference), as in eager fp32: whether the server may answer in that precision
-    (serve.predictor reads it from the artifact)."""
+    (serve.predictor reads it from the artifact). references: a list that gets eager fp32's top-1
+    classes, a tensor per batch, so that int8's comparison over the same loader (train.int8.build)
+    need not run fp32 again."""
     model.eval()
     same = total = 0
     served = None
@@ -152,6 +155,8 @@ def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtyp
         for images, labels in loader:
             x, _ = batcher(images, labels)
             reference = model(x).argmax(1)
+            if references is not None:
+                references.append(reference)
             if served is None:
                 served = InferenceModel(model, x[:1], dtype)
             same += int((served(x).argmax(1) == reference).sum())

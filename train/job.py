@@ -395,15 +395,16 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         test = {"test_loss": result.loss, "test_acc": result.accuracy, "test_topk_acc": result.top_k_accuracy}
         log.info(metrics.test_line(test))
         final.update(test)
+    fp32_top1 = []  # int8's comparison below runs over the same loader: fp32 once for both
     final["bf16_top1_agreement"] = top1_agreement(model, eval_loaders[report_channel], batcher, torch.bfloat16,
-                                                  reduce=rank.reduce)
+                                                  reduce=rank.reduce, references=fp32_top1)
     log.info("bf16 gives the same top-1 class as fp32 on %.1f%% of the %s images (the server answers in bf16 "
              "where the hardware is fast at it and this is at least 99%%)", 100 * final["bf16_top1_agreement"],
              report_channel)
     int8_model = None
     if rank.is_main and cfg.int8:
         int8_model = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
-                               cfg.seed, workers, report_channel)
+                               cfg.seed, workers, report_channel, fp32_top1)
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
                       int8_model)
@@ -423,7 +424,7 @@ def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batc
 
 
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
-              channel):
+              channel, references=None):
     """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
     artifact is still complete without it, and the server answers in fp32."""
     if not quantize.available():
@@ -431,7 +432,7 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
         return None
     try:
         graph, agreement, compared = int8.build(model, calibration_loader(splits.train, eval_preset, batch_size, seed, workers),
-                                                report_loader, batcher)
+                                                report_loader, batcher, references=references)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
