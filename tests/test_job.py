@@ -258,6 +258,49 @@ def test_debugger_with_frozen_layers_read_back_with_smdebug(tiny_data):
         [h["valid_loss"] for h in history], rel=1e-5)
 
 
+def test_a_job_with_the_debugger_on_ends_with_its_bf16_check_and_int8_model(tiny_data):
+    """smdebug never removes the hooks it puts on the model: left on after training, they broke the
+    bf16 check's trace (saving on one call and not on the next, with save_interval 5: "Graphs
+    differed across invocations", the job failed) and int8's copy of the model. Closing the debugger
+    now takes them off; what it saved stays readable."""
+    from smdebug.trials import create_trial
+
+    from tests.conftest import debugger_config
+
+    tensors = debugger_config(tiny_data, save_interval=5)  # losses, gradients and relu_input
+    result = tiny_data.run()
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "bf16 gives the same top-1 class as fp32" in result.stdout
+    assert "int8: quantizing" not in result.stdout and (tiny_data.model_dir / "model_int8.pt").is_file()
+    names = create_trial(str(tensors)).tensor_names()
+    assert any(n.endswith("relu_input_0") for n in names) and any(n.startswith("gradient/") for n in names)
+
+
+def test_closing_the_debugger_takes_its_hooks_off_the_model_and_the_loss(tmp_path):
+    import torchvision
+
+    from tests.conftest import Job, debugger_config
+    from train.debugger import Debugger
+
+    job = Job(tmp_path)
+    job.config.mkdir(parents=True)
+    debugger_config(job, save_interval=5)
+    config = job.config / "debughookconfig.json"
+    model, loss = torchvision.models.resnet18(num_classes=3), torch.nn.CrossEntropyLoss()
+    mine = model.layer1.register_forward_hook(lambda *_: None)  # someone else's hook stays
+
+    def hooks():
+        return (sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in (*model.modules(), loss)),
+                sum(len(p._backward_hooks or {}) for p in model.parameters()))
+
+    debugger = Debugger.create(config, model, loss, base_dir=tmp_path)
+    assert debugger.active and hooks()[0] > 60 and hooks()[1] == len(list(model.parameters()))
+    debugger.close()
+    assert hooks() == (1, 0) and not debugger.active
+    debugger.close()  # a second close is harmless
+    mine.remove()
+
+
 def test_a_debugger_that_saves_activations_keeps_the_frozen_backbone_eager(tiny_data):
     from smdebug.trials import create_trial
 

@@ -68,8 +68,8 @@ def _hook_class(smd):
 class Debugger:
     """Thin wrapper: every method is a no-op when there is no hook."""
 
-    def __init__(self, hook=None, modes=None):
-        self.hook, self.modes = hook, modes
+    def __init__(self, hook=None, modes=None, modules=()):
+        self.hook, self.modes, self.modules = hook, modes, modules
 
     @classmethod
     def create(cls, config: Path | None, model, criterion, enabled: bool = True,
@@ -93,7 +93,7 @@ class Debugger:
         hook.register_module(model)
         hook.register_loss(criterion)
         log.info("debugger: smdebug hook writing to %s", hook.out_dir)
-        return cls(hook, smd.modes)
+        return cls(hook, smd.modes, (model, criterion))
 
     @property
     def active(self) -> bool:
@@ -114,5 +114,38 @@ class Debugger:
                 self.hook.save_scalar(name, float(value), sm_metric=True)
 
     def close(self) -> None:
+        """Flush smdebug and take its hooks off the model and the loss. smdebug keeps no handles
+        and never removes them, and after training they broke the job: tracing the model for the
+        bf16 check saw its forward hooks save on one call and not the next ("Graphs differed across
+        invocations", with save_interval 5), and int8's deep copy of the model copied the hook
+        object with it (AttributeError: 'Hook' object has no attribute 'parent_forward_event')."""
         if self.hook:
             self.hook.close()
+            for module in self.modules:
+                detach_hooks(module, self.hook)
+            self.hook = None
+
+
+def detach_hooks(root, owner) -> int:
+    """Remove from every module under root the forward and forward-pre hooks that are methods of
+    `owner`, and from every parameter the gradient hooks whose closure holds it; returns how many."""
+    def owned(fn) -> bool:
+        if getattr(fn, "__self__", None) is owner:
+            return True
+        return any(getattr(cell, "cell_contents", None) is owner for cell in getattr(fn, "__closure__", None) or ())
+
+    removed = 0
+    for module in root.modules():
+        for hooks, extras in ((module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+                              (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
+            for key in [k for k, fn in hooks.items() if owned(fn)]:
+                del hooks[key]
+                for extra in extras:  # where torch keeps a hook's flags, by the same key
+                    getattr(module, extra, {}).pop(key, None)
+                removed += 1
+    for param in root.parameters():
+        hooks = param._backward_hooks
+        for key in [k for k, fn in (hooks or {}).items() if owned(fn)]:
+            del hooks[key]
+            removed += 1
+    return removed
