@@ -52,7 +52,7 @@ fi
 
 echo "--- real training jobs (bench.job_check)"
 # shellcheck disable=SC2086  # GPU_CHECK_JOB_ARGS is a list of arguments
-timeout --kill-after=10 "$job_limit" "$py" -m bench.job_check --python "$py" --limit 75 \
+timeout --kill-after=10 "$job_limit" "$py" -m bench.job_check --python "$py" \
     --out "$out/jobs.json" ${GPU_CHECK_JOB_ARGS:-} 2>&1 | tee "$out/jobs.log"
 job_rc=${PIPESTATUS[0]}
 if [ "$job_rc" -eq 124 ] || [ "$job_rc" -eq 137 ]; then

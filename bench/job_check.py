@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -195,7 +196,7 @@ def serve_check(model_dir: Path, test_dir: Path, device: str, repeats: int = 10)
                 start = time.perf_counter()
                 predictor.predict(payloads[:n])
                 times.append(1000 * (time.perf_counter() - start))
-            ms[n] = sorted(times)[len(times) // 2]
+            ms[n] = statistics.median(times)
         rows.append({"device": str(predictor.device), "requested": precision, "precision": predictor.precision,
                      "why": predictor.precision_reason, "images": len(paths),
                      "accuracy": sum(a == b for a, b in zip(names, labels, strict=True)) / max(1, len(paths)),

@@ -126,15 +126,14 @@ class Debugger:
             self.hook = None
 
 
-def detach_hooks(root, owner) -> int:
+def detach_hooks(root, owner) -> None:
     """Remove from every module under root the forward and forward-pre hooks that are methods of
-    `owner`, and from every parameter the gradient hooks whose closure holds it; returns how many."""
+    `owner`, and from every parameter the gradient hooks whose closure holds it."""
     def owned(fn) -> bool:
         if getattr(fn, "__self__", None) is owner:
             return True
         return any(getattr(cell, "cell_contents", None) is owner for cell in getattr(fn, "__closure__", None) or ())
 
-    removed = 0
     for module in root.modules():
         for hooks, extras in ((module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
                               (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
@@ -142,10 +141,7 @@ def detach_hooks(root, owner) -> int:
                 del hooks[key]
                 for extra in extras:  # where torch keeps a hook's flags, by the same key
                     getattr(module, extra, {}).pop(key, None)
-                removed += 1
     for param in root.parameters():
         hooks = param._backward_hooks
         for key in [k for k, fn in (hooks or {}).items() if owned(fn)]:
             del hooks[key]
-            removed += 1
-    return removed
