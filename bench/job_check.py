@@ -182,6 +182,8 @@ def serve_check(model_dir: Path, test_dir: Path, device: str, repeats: int = 10)
     paths = sorted(test_dir.glob("*/*.jpg"))
     payloads, labels = [p.read_bytes() for p in paths], [p.parent.name for p in paths]
     rows, first = [], None
+    # dict.fromkeys keeps the order and drops the repeat: on a CPU-only run (--quick) the last row
+    # would be the second again.
     for where, precision in dict.fromkeys([(device, "fp32"), (device, "auto"), ("cpu", "auto")]):
         predictor = Predictor.from_model_dir(model_dir, where, precision=precision)
         predictor.warm_up()
