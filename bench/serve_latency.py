@@ -115,6 +115,18 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """'handler;dur=9.8, predict;dur=8.9' -> {'handler': 9.8, 'predict': 8.9}."""
+    durations = {}
+    for part in (header or "").split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                durations[name] = float(value)
+    return durations
+
+
 class KeepAliveClient:
     """POST /invocations over one persistent connection per calling thread, as SageMaker's front
     end and boto3 hold theirs: a new TCP connection per request costs about 1.3 ms more on
@@ -124,7 +136,8 @@ class KeepAliveClient:
         self.port = port
         self.local = threading.local()
 
-    def invoke(self, body: bytes, content_type: str) -> tuple[int, bytes]:
+    def invoke(self, body: bytes, content_type: str) -> tuple[int, bytes, dict[str, float]]:
+        """(status, body, the Server-Timing durations in ms by name: empty unless the server sends them)."""
         for attempt in (0, 1):
             conn = getattr(self.local, "conn", None)
             if conn is None:
@@ -132,7 +145,7 @@ class KeepAliveClient:
             try:
                 conn.request("POST", "/invocations", body=body, headers={"Content-Type": content_type})
                 resp = conn.getresponse()
-                return resp.status, resp.read()
+                return resp.status, resp.read(), server_timing(resp.getheader("Server-Timing"))
             except (ConnectionError, http.client.HTTPException):
                 conn.close()
                 self.local.conn = None  # the server closed an idle connection: open another once
@@ -147,7 +160,7 @@ def run_load(client: KeepAliveClient, jpegs: list[bytes], concurrency: int, tota
 
     def one(i: int) -> None:
         t = time.perf_counter()
-        code, body = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
+        code, body, _ = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
         latencies.append((time.perf_counter() - t) * 1000)
         if code != 200:
             raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
@@ -173,7 +186,9 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
     # ours with one worker using every CPU: the plan that trades throughput for latency at rest.
     one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads),
                   "IMGCLS_PRECISION": precision}
-    configs = {"": {"IMGCLS_PRECISION": precision}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
+    # Ours sends a Server-Timing header, so that its overhead splits into the model server's and
+    # the HTTP's share, our handler's outside the model, and the model running slower in a worker.
+    configs = {"": {"IMGCLS_PRECISION": precision, "IMGCLS_SERVER_TIMING": "true"}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
                "one_worker_": one_worker}
     servers: dict[str, ServeProcess] = {}
     try:
@@ -192,6 +207,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         jvms = {label: server.jvm() for label, server in servers.items()}
         jvm_cpu = {label: -cpu_seconds(jvm) for label, jvm in jvms.items()}
         latencies = {label: [] for label in clients}
+        split = {"transport": [], "handler_outside_predict": [], "worker_predict": []}
         seconds4 = {label: 0.0 for label in clients}
         # At concurrency 1 the servers and the in-process runs take turns request by request, on
         # the same image, so that a slow spell of the machine falls on all of them alike.
@@ -200,10 +216,14 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
                 if label in inproc:
                     inproc[label].measure(i)
                 t = time.perf_counter()
-                code, body = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
+                code, body, timing = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
                 latencies[label].append((time.perf_counter() - t) * 1000)
                 if code != 200:
                     raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
+                if label == "":
+                    split["transport"].append(latencies[label][-1] - timing["handler"])
+                    split["handler_outside_predict"].append(timing["handler"] - timing["predict"])
+                    split["worker_predict"].append(timing["predict"])
         for _ in range(rounds):
             for label, client in clients.items():
                 seconds4[label] += per_round / run_load(client, jpegs, 4, per_round)[0]
@@ -221,6 +241,10 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
                     f"{label}img_s_c1": 1000 / percentile(lat, 50), f"{label}img_s_c4": per_round * rounds / seconds4[label]})
     row["in_process_ms"] = inproc[""].median_ms
     row["overhead_ms"] = row["p50_ms"] - row["in_process_ms"]
+    row.update({f"{part}_ms": statistics.median(values) for part, values in split.items()})
+    # What the overhead holds besides the server's own costs: the same predict running slower (or
+    # faster) in a worker than in this process, each on its own heap and caches.
+    row["worker_minus_in_process_ms"] = row["worker_predict_ms"] - row["in_process_ms"]
     row["c4_vs_naive"] = row["img_s_c4"] / row["naive_img_s_c4"]
     row["most_c4_vs_naive"] = row["most_img_s_c4"] / row["naive_img_s_c4"]
     row["one_worker_in_process_ms"] = inproc["one_worker_"].median_ms
@@ -278,6 +302,10 @@ def main() -> None:
         print(f"{'':<10} top-1 agreement with fp32: bf16 {r['bf16_top1_agreement']:.1%}, "
               f"int8 {r['int8_top1_agreement']:.1%}; the JVM's CPU per request: {r['jvm_cpu_ms']:.1f} ms "
               f"(naive {r['naive_jvm_cpu_ms']:.1f}, one worker {r['one_worker_jvm_cpu_ms']:.1f})")
+        print(f"{'':<10} by its Server-Timing header, medians at c1: the model server and HTTP "
+              f"{r['transport_ms']:.1f} ms, our handler outside the model {r['handler_outside_predict_ms']:.1f} ms, "
+              f"the model in the worker {r['worker_predict_ms']:.1f} ms ({r['worker_minus_in_process_ms']:+.1f} ms "
+              f"against in-process)")
         print(f"{'':<10} 1 worker x {r['workers'] * r['threads']} threads instead: p50 {r['one_worker_p50_ms']:.1f} ms "
               f"(in-proc {r['one_worker_in_process_ms']:.1f}, overhead {r['one_worker_overhead_ms']:.1f}), "
               f"c4 {r['one_worker_img_s_c4']:.1f} img/s; the default plan gives "

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ class Prediction:
 class ImageInferenceHandler(DefaultInferenceHandler):
     def __init__(self, settings: Settings):
         self.settings = settings
+        # The model's time on the request in hand (a worker runs one at a time), for Server-Timing;
+        # None where a user's predict_fn replaces ours.
+        self.predict_ms: float | None = None
 
     def default_model_fn(self, model_dir, context=None):
         s = self.settings
@@ -82,7 +86,10 @@ class ImageInferenceHandler(DefaultInferenceHandler):
         return parse_body(input_data, content_type, self.settings, lambda url: fetch(url, self.settings.url))
 
     def default_predict_fn(self, data, model, context=None):
-        return Prediction(model.predict(data), model.class_names)
+        started = time.perf_counter()
+        probabilities = model.predict(data)
+        self.predict_ms = (time.perf_counter() - started) * 1000
+        return Prediction(probabilities, model.class_names)
 
     def default_output_fn(self, prediction, accept, context=None):
         headers = Headers(context.get_all_request_header(0) if context is not None else {})
@@ -91,13 +98,23 @@ class ImageInferenceHandler(DefaultInferenceHandler):
         return encode(prediction.probabilities, prediction.class_names, top_k, accept)
 
 
+def server_timing(handler_ms: float, predict_ms: float | None) -> str:
+    """A Server-Timing header (W3C): our handler's time on the request and, within it, the model's."""
+    value = f"handler;dur={handler_ms:.3f}"
+    return value if predict_ms is None else f"{value}, predict;dur={predict_ms:.3f}"
+
+
 class ImageTransformer(Transformer):
     def __init__(self, settings: Settings):
-        super().__init__(default_inference_handler=ImageInferenceHandler(settings))
+        self._handler = ImageInferenceHandler(settings)
+        super().__init__(default_inference_handler=self._handler)
 
     def transform(self, data, context):
         responses = []
+        timing = self._handler.settings.server_timing
         for idx, request in enumerate(data):
+            started = time.perf_counter()
+            self._handler.predict_ms = None
             try:
                 headers = Headers(context.get_all_request_header(idx))
                 accept = choose_accept(headers.get("accept"), self._environment.default_accept)
@@ -108,6 +125,9 @@ class ImageTransformer(Transformer):
                                                     headers.get("content-type"), accept)
                 response, content_type = result if isinstance(result, tuple) else (result, accept)
                 context.set_response_content_type(idx, content_type)
+                if timing:
+                    handler_ms = (time.perf_counter() - started) * 1000
+                    context.set_response_header(idx, "Server-Timing", server_timing(handler_ms, self._handler.predict_ms))
                 responses.append(response)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a response, never a dead worker
                 responses.append(self._error(context, idx, exc))

@@ -48,6 +48,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(command or [str(BIN / "serve")], env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
+        self.last_headers: dict[str, str] = {}  # the last invoke()'s response headers, by lower-case name
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -121,6 +122,7 @@ class ServeProcess:
             all_headers.update(headers or {})
             conn.request("POST", "/invocations", body=body, headers=all_headers)
             resp = conn.getresponse()
+            self.last_headers = {name.lower(): value for name, value in resp.getheaders()}
             return resp.status, resp.getheader("Content-Type", ""), resp.read()
         finally:
             conn.close()

@@ -48,6 +48,7 @@ class Settings:
     precision: str = "auto"       # auto: bf16 or int8 where the artifact's agreement allows (predictor)
     compile: str = "auto"         # how the model runs: imgcls.inference (frozen trace on CPU, eager on GPU)
     access_log: bool = False      # the model server prints a line per request
+    server_timing: bool = False   # a Server-Timing header on each answer: our handler's and the model's time
     url: UrlPolicy = UrlPolicy()
 
     @classmethod
@@ -72,6 +73,7 @@ class Settings:
             precision=precision,
             compile=compile_mode,
             access_log=env.flag("IMGCLS_ACCESS_LOG"),
+            server_timing=env.flag("IMGCLS_SERVER_TIMING"),
             url=UrlPolicy(
                 enabled=env.flag("IMGCLS_URL_FETCH"),
                 allow_private=env.flag("IMGCLS_URL_ALLOW_PRIVATE"),

@@ -360,6 +360,13 @@ def test_training_benchmark_sizes_can_be_set(tmp_path):
     assert "Timeout (0:00:01)!" in result.stderr and "in measure" in result.stderr  # --stacks: where it was
 
 
+def test_server_timing_header_is_parsed():
+    from bench.serve_latency import server_timing
+    assert server_timing("handler;dur=9.812, predict;dur=8.903") == {"handler": 9.812, "predict": 8.903}
+    assert server_timing('db;desc="x";dur=1.5, cache') == {"db": 1.5}
+    assert server_timing(None) == {}
+
+
 def test_serving_benchmark_quick_run(tmp_path):
     out = tmp_path / "serve.json"
     result = subprocess.run([sys.executable, "-m", "bench.serve_latency", "--quick", "--archs", "resnet18",
@@ -379,6 +386,11 @@ def test_serving_benchmark_quick_run(tmp_path):
     # The front end's CPU per request is measured on each server's own JVM.
     assert min(row["jvm_cpu_ms"], row["naive_jvm_cpu_ms"], row["one_worker_jvm_cpu_ms"]) > 0
     assert "the JVM's CPU per request" in result.stdout
+    # the overhead split by ours' Server-Timing header: each part measured, the model's time in a
+    # worker set against the same predict in process
+    assert min(row["transport_ms"], row["handler_outside_predict_ms"], row["worker_predict_ms"]) > 0
+    assert row["worker_minus_in_process_ms"] == pytest.approx(row["worker_predict_ms"] - row["in_process_ms"])
+    assert "by its Server-Timing header" in result.stdout
     # the forward alone against the int8 multiply rate at a worker's threads (bench.roofline)
     assert 0 < row["forward_ms"] < row["in_process_ms"] and len(row["matmul_rounds"]) == 2
     assert row["model_gflop_s"] == pytest.approx(row["model_gflop_per_image"] / row["forward_ms"] * 1000)

@@ -6,6 +6,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -317,7 +318,7 @@ def test_batch_transform_record(server, images, reference, tmp_path):
 
 def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_path):
     """Two endpoints on one machine (a test next to a demo, two models): each finds its own MMS."""
-    second = Server(trained.base, IMGCLS_ACCESS_LOG="true")  # precision auto, the default
+    second = Server(trained.base, IMGCLS_ACCESS_LOG="true", IMGCLS_SERVER_TIMING="true")  # precision auto, the default
     try:
         second.wait_ready(timeout=120)
         _, card = artifact.load(trained.model_dir)
@@ -335,6 +336,13 @@ def test_a_second_server_runs_beside_it(server, trained, images, reference, tmp_
             probs = np.load(io.BytesIO(out))[0]
             np.testing.assert_allclose(probs, reference["big.jpg"], atol=atol)
             assert probs.argmax() == reference["big.jpg"].argmax()
+            timing = srv.last_headers.get("server-timing")
+            if srv is server:  # off unless asked
+                assert timing is None, srv.last_headers
+            else:
+                durations = dict(re.fullmatch(r"(\w+);dur=([0-9.]+)", part.strip()).groups() for part in timing.split(","))
+                assert list(durations) == ["handler", "predict"], timing
+                assert 0 < float(durations["predict"]) <= float(durations["handler"]), timing
         time.sleep(0.5)
         assert '"POST /invocations HTTP/1.1" 200' in second.output and "Backend response time" in second.output
     finally:

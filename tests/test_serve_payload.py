@@ -121,9 +121,11 @@ def test_settings_from_env_and_errors():
     assert s.max_body_bytes == 2 * MIB and s.url.enabled and s.default_top_k == 3
     assert Settings.from_env({"IMGCLS_MAX_BODY_BYTES": "123", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "50"}).max_body_bytes == 123
     assert not s.access_log and Settings.from_env({"IMGCLS_ACCESS_LOG": "true"}).access_log
+    assert not s.server_timing and Settings.from_env({"IMGCLS_SERVER_TIMING": "on"}).server_timing
     for env, name in [({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "lots"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB"),
                       ({"IMGCLS_TOP_K": "0"}, "IMGCLS_TOP_K"), ({"IMGCLS_URL_FETCH": "maybe"}, "IMGCLS_URL_FETCH"),
                       ({"IMGCLS_ACCESS_LOG": "loud"}, "IMGCLS_ACCESS_LOG"),
+                      ({"IMGCLS_SERVER_TIMING": "ms"}, "IMGCLS_SERVER_TIMING"),
                       ({"IMGCLS_PRECISION": "int4"}, "IMGCLS_PRECISION")]:
         with pytest.raises(SettingsError, match=name):
             Settings.from_env(env)
