@@ -230,6 +230,16 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         for label, jvm in jvms.items():
             jvm_cpu[label] += cpu_seconds(jvm)
             row[f"{label}jvm_cpu_ms"] = jvm_cpu[label] * 1000 / (2 * per_round * rounds)
+        # The same split with ours answering back to back: in the turns above each of its requests
+        # comes after the others' (tens of ms), and the model server's part grew with the gap before
+        # a request (on 2 AMX cores: 2.5 ms back to back, 3.1 after 20 ms, 3.7 after 200 ms).
+        split["transport_back_to_back"] = []
+        for i in range(per_round * rounds):
+            t = time.perf_counter()
+            code, body, timing = clients[""].invoke(jpegs[i % len(jpegs)], "image/jpeg")
+            if code != 200:
+                raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
+            split["transport_back_to_back"].append((time.perf_counter() - t) * 1000 - timing["handler"])
         row["img_s_c8"] = run_load(clients[""], jpegs, 8, per_round * rounds)[0]
     finally:
         for server in servers.values():
@@ -303,7 +313,7 @@ def main() -> None:
               f"int8 {r['int8_top1_agreement']:.1%}; the JVM's CPU per request: {r['jvm_cpu_ms']:.1f} ms "
               f"(naive {r['naive_jvm_cpu_ms']:.1f}, one worker {r['one_worker_jvm_cpu_ms']:.1f})")
         print(f"{'':<10} by its Server-Timing header, medians at c1: the model server and HTTP "
-              f"{r['transport_ms']:.1f} ms, our handler outside the model {r['handler_outside_predict_ms']:.1f} ms, "
+              f"{r['transport_ms']:.1f} ms ({r['transport_back_to_back_ms']:.1f} back to back), our handler outside the model {r['handler_outside_predict_ms']:.1f} ms, "
               f"the model in the worker {r['worker_predict_ms']:.1f} ms ({r['worker_minus_in_process_ms']:+.1f} ms "
               f"against in-process)")
         print(f"{'':<10} 1 worker x {r['workers'] * r['threads']} threads instead: p50 {r['one_worker_p50_ms']:.1f} ms "
