@@ -187,8 +187,10 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
     one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(workers * threads),
                   "IMGCLS_PRECISION": precision}
     # Ours sends a Server-Timing header, so that its overhead splits into the model server's and
-    # the HTTP's share, our handler's outside the model, and the model running slower in a worker.
-    configs = {"": {"IMGCLS_PRECISION": precision, "IMGCLS_SERVER_TIMING": "true"}, "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
+    # the HTTP's share, our handler's outside the model, and the model's time in a worker against
+    # the same predict in this process.
+    configs = {"": {"IMGCLS_PRECISION": precision, "IMGCLS_SERVER_TIMING": "true"},
+               "naive_": {"IMGCLS_HANDLER": "bench.naive_handler:handle", "PYTHONPATH": str(ROOT)},
                "one_worker_": one_worker}
     servers: dict[str, ServeProcess] = {}
     try:
@@ -232,7 +234,7 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
             row[f"{label}jvm_cpu_ms"] = jvm_cpu[label] * 1000 / (2 * per_round * rounds)
         # The same split with ours answering back to back: in the turns above each of its requests
         # comes after the others' (tens of ms), and the model server's part grew with the gap before
-        # a request (on 2 AMX cores: 2.5 ms back to back, 3.1 after 20 ms, 3.7 after 200 ms).
+        # a request (resnet18 on 2 AMX cores: 2.5 ms back to back, 3.1 after 20 ms, 3.7 after 200 ms).
         split["transport_back_to_back"] = []
         for i in range(per_round * rounds):
             t = time.perf_counter()

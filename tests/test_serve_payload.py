@@ -131,6 +131,13 @@ def test_settings_from_env_and_errors():
             Settings.from_env(env)
 
 
+def test_server_timing_header_value():
+    from serve.handler_service import server_timing
+    assert server_timing(9.8123, 8.9) == "handler;dur=9.812, predict;dur=8.900"
+    # a user's predict_fn (inference.py) is not timed: only the handler's total
+    assert server_timing(1.0, None) == "handler;dur=1.000"
+
+
 def test_concurrency_plan_never_oversubscribes():
     assert plan_concurrency(2, 0) == (2, 1)
     assert plan_concurrency(16, 0) == (8, 2)
