@@ -153,17 +153,22 @@ class KeepAliveClient:
                     raise
         raise AssertionError("unreachable")
 
+    def timed(self, jpeg: bytes) -> tuple[float, dict[str, float]]:
+        """(the client's ms, the Server-Timing durations) of one JPEG request that must succeed."""
+        t = time.perf_counter()
+        code, body, timing = self.invoke(jpeg, "image/jpeg")
+        ms = (time.perf_counter() - t) * 1000
+        if code != 200:
+            raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
+        return ms, timing
+
 
 def run_load(client: KeepAliveClient, jpegs: list[bytes], concurrency: int, total: int) -> tuple[float, list[float]]:
     """(images per second, per-request latencies in ms) for `total` requests at `concurrency`."""
     latencies: list[float] = []
 
     def one(i: int) -> None:
-        t = time.perf_counter()
-        code, body, _ = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
-        latencies.append((time.perf_counter() - t) * 1000)
-        if code != 200:
-            raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
+        latencies.append(client.timed(jpegs[i % len(jpegs)])[0])
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -217,13 +222,10 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
             for label, client in clients.items():
                 if label in inproc:
                     inproc[label].measure(i)
-                t = time.perf_counter()
-                code, body, timing = client.invoke(jpegs[i % len(jpegs)], "image/jpeg")
-                latencies[label].append((time.perf_counter() - t) * 1000)
-                if code != 200:
-                    raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
+                ms, timing = client.timed(jpegs[i % len(jpegs)])
+                latencies[label].append(ms)
                 if label == "":
-                    split["transport"].append(latencies[label][-1] - timing["handler"])
+                    split["transport"].append(ms - timing["handler"])
                     split["handler_outside_predict"].append(timing["handler"] - timing["predict"])
                     split["worker_predict"].append(timing["predict"])
         for _ in range(rounds):
@@ -235,13 +237,8 @@ def bench_arch(arch: str, crop: int, jpegs: list[bytes], calibration: list[bytes
         # The same split with ours answering back to back: in the turns above each of its requests
         # comes after the others' (tens of ms), and the model server's part grew with the gap before
         # a request (resnet18 on 2 AMX cores: 2.5 ms back to back, 3.1 after 20 ms, 3.7 after 200 ms).
-        split["transport_back_to_back"] = []
-        for i in range(per_round * rounds):
-            t = time.perf_counter()
-            code, body, timing = clients[""].invoke(jpegs[i % len(jpegs)], "image/jpeg")
-            if code != 200:
-                raise RuntimeError(f"request failed with {code}: {body[:200]!r}")
-            split["transport_back_to_back"].append((time.perf_counter() - t) * 1000 - timing["handler"])
+        split["transport_back_to_back"] = [ms - timing["handler"] for ms, timing in
+                                           (clients[""].timed(jpegs[i % len(jpegs)]) for i in range(per_round * rounds))]
         row["img_s_c8"] = run_load(clients[""], jpegs, 8, per_round * rounds)[0]
     finally:
         for server in servers.values():
