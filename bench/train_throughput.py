@@ -54,7 +54,6 @@ FAILED with its error, left out of the later rounds and the table, and kept in t
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gc
 import json
 import math
@@ -75,6 +74,7 @@ from torchvision import transforms as V1
 
 from bench import machine, roofline
 from bench.images import photo_like_jpegs
+from bench.stacks import dump_stacks_every
 from imgcls import quantize
 from imgcls.models import create_model
 from imgcls.presets import IMAGENET_MEAN, IMAGENET_STD, ClassificationPresetEval, ClassificationPresetTrain
@@ -674,7 +674,7 @@ def main() -> None:
     if args.stacks is not None:
         if args.stacks <= 0:
             p.error(f"--stacks takes a positive number of seconds, got {args.stacks:g}")
-        faulthandler.dump_traceback_later(args.stacks, repeat=True)
+        dump_stacks_every(args.stacks)
     freezes = [x.strip() for x in args.freeze.split(",") if x.strip()]
     if not freezes or set(freezes) - set(FREEZES):
         p.error(f"--freeze takes frozen, full or both, got {args.freeze!r}")
