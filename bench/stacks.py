@@ -17,10 +17,9 @@ import sys
 import threading
 import time
 import traceback
-from typing import TextIO
 
 
-def _write_stacks(out: TextIO, started: float, every: float) -> None:
+def _write_stacks(started: float, every: float) -> None:
     names = {t.ident: t.name for t in threading.enumerate()}
     me = threading.get_ident()
     lines = [f"--- stacks at {time.monotonic() - started:.1f} s (every {every:g} s)\n"]
@@ -29,22 +28,21 @@ def _write_stacks(out: TextIO, started: float, every: float) -> None:
             continue
         lines.append(f"Thread {names.get(ident, '?')} ({ident:#x}), most recent call last:\n")
         lines.extend(traceback.format_stack(frame))
-    out.write("".join(lines))
-    out.flush()
+    sys.stderr.write("".join(lines))
+    sys.stderr.flush()
 
 
-def dump_stacks_every(seconds: float, out: TextIO = sys.stderr) -> threading.Event:
-    """Start writing every other thread's stack to `out` every `seconds`; set the returned event to
-    stop. The thread is a daemon: it never keeps a finished run alive."""
+def dump_stacks_every(seconds: float) -> None:
+    """Write every other thread's stack to stderr every `seconds`, from a daemon thread (it never
+    keeps a finished run alive), and every thread's once at SIGTERM."""
     if seconds <= 0:
         raise ValueError(f"stacks every {seconds:g} s: the interval must be positive")
-    stop = threading.Event()
     started = time.monotonic()
 
     def loop() -> None:
-        while not stop.wait(seconds):
-            _write_stacks(out, started, seconds)
+        while True:
+            time.sleep(seconds)
+            _write_stacks(started, seconds)
 
     threading.Thread(target=loop, name="stack-dumps", daemon=True).start()
-    faulthandler.register(signal.SIGTERM, file=out, all_threads=True, chain=True)
-    return stop
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
