@@ -16,6 +16,7 @@ server answers in int8 only when that agreement is at least 99% (serve.predictor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable
@@ -41,6 +42,11 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None
     ranges; `head` (the final Linear layer) stays fp32: on a weakly trained ResNet-18 that
     raised agreement with fp32 from 91.9% to 95.5% at the cost of one small matmul. None for a
     model without one (a frozen trunk, train.frozen_trunk)."""
+    return freeze(*calibrate(model, batches, head))
+
+
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None) -> tuple[nn.Module, torch.Tensor]:
+    """quantize()'s int8 module before it is traced (an eager FX module), and an input for the trace."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -49,13 +55,8 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None
     qconfig = get_default_qconfig_mapping(ENGINE)
     if head is not None:
         qconfig = qconfig.set_module_name(head, None)
-    example = None
-    with warnings.catch_warnings(), torch.no_grad():
-        # FX quantization and torch.jit warn that they are deprecated. Their successors need
-        # torchao (not in our pins) or compile in every worker (about 20 s each here); these are
-        # what the pinned torch ships, and tests/test_int8.py fails when a torch drops them.
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning, torch.jit.TracerWarning))
-        prepared = None
+    with _quiet(), torch.no_grad():
+        prepared = example = None
         for x in batches:
             x = x.to("cpu", torch.float32).contiguous()
             if prepared is None:
@@ -64,7 +65,31 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None
             prepared(x)
         if prepared is None:
             raise ValueError("int8 calibration needs at least one batch of images")
-        return torch.jit.freeze(torch.jit.trace(convert_fx(prepared), example))
+        return convert_fx(prepared), example
+
+
+def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """A frozen TorchScript trace of an int8 module of calibrate(), or of one built around it."""
+    with _quiet(), torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example))
+
+
+def with_head(trunk: nn.Module, head: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """What quantize() makes of a whole model whose layers before `head` are `trunk` (calibrate()'s
+    int8 module of them) and whose forward flattens their output into `head` (kept fp32): made
+    without calibrating again, where those layers were calibrated on the same images and have not
+    changed since (a frozen backbone that trained on its int8 trunk, train.frozen_trunk)."""
+    return freeze(nn.Sequential(trunk, nn.Flatten(1), copy.deepcopy(head).to("cpu", torch.float32)), example)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # FX quantization and torch.jit warn that they are deprecated. Their successors need torchao
+    # (not in our pins) or compile in every worker (about 20 s each here); these are what the
+    # pinned torch ships, and tests/test_int8.py fails when a torch drops them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning, torch.jit.TracerWarning))
+        yield
 
 
 class Int8Model:

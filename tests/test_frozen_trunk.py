@@ -154,7 +154,8 @@ def test_the_int8_trunk_answers_like_fp32_and_trains_only_the_rest(freeze):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = frozen_trunk.trunk(model)
     calibration = [torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    graph, error = frozen_trunk.quantized(model, names, iter(calibration))
+    quantized, error = frozen_trunk.quantized(model, names, iter(calibration))
+    graph = quantized.graph
     # Random weights on noise images give features that barely differ between images, so the error
     # relative to that spread is larger than a trained backbone's (0.16-0.38 here, 0.05-0.11 for the
     # bench's trained backbones); the model's modes stay as they were.
@@ -198,9 +199,9 @@ def test_a_job_keeps_the_int8_trunk_only_where_its_features_stay_close(mode, lim
     calibration = lambda: (torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2))  # noqa: E731
     cfg = Config(batch_size=4, image_size=64, frozen_trunk=mode)
     with caplog.at_level("INFO", logger="train"):
-        names = trace_trunk(cfg, model, torch.device("cpu"), choose_precision("bf16", torch.device("cpu")), None,
-                            calibration)
-    assert names == list(frozen_trunk.FORWARD) and model.frozen_trunk_int8 == int8
+        names, quantized = trace_trunk(cfg, model, torch.device("cpu"), choose_precision("bf16", torch.device("cpu")),
+                                       None, calibration)
+    assert names == list(frozen_trunk.FORWARD) and model.frozen_trunk_int8 == int8 == (quantized is not None)
     assert f"run as one frozen {'int8' if int8 else 'bf16'} trace" in caplog.text
     assert ("int8 calibrated on the training images" in caplog.text) == (mode != "true")
     assert ("that is more than 0.00: int8 kept, as frozen-trunk=int8 asks" in caplog.text) == (mode == "int8")
@@ -214,8 +215,40 @@ def test_a_trunk_that_cannot_be_quantized_trains_on_as_a_float_trace(caplog):
 
     model, _ = _frozen("backbone")
     with caplog.at_level("INFO", logger="train"):  # no calibration images at all
-        names = trace_trunk(Config(batch_size=4, image_size=64), model, torch.device("cpu"),
-                            choose_precision("bf16", torch.device("cpu")), None, lambda: iter(()))
-    assert names == list(frozen_trunk.FORWARD) and not model.frozen_trunk_int8
+        names, quantized = trace_trunk(Config(batch_size=4, image_size=64), model, torch.device("cpu"),
+                                       choose_precision("bf16", torch.device("cpu")), None, lambda: iter(()))
+    assert names == list(frozen_trunk.FORWARD) and not model.frozen_trunk_int8 and quantized is None
     assert "quantizing the trunk failed (ValueError: int8 calibration needs at least one batch" in caplog.text
     assert "run as one frozen bf16 trace" in caplog.text
+
+
+def test_a_frozen_backbones_int8_model_is_the_int8_trunk_it_trained_on_with_its_head(tmp_path):
+    """int8_model: the artifact's int8 model from the int8 trunk (no second calibration), computing
+    the trained head on exactly the trunk's int8 features, read back as the server reads it; only
+    where the trunk is every module before fc."""
+    from imgcls import artifact, quantize
+
+    model, _ = _frozen("backbone")
+    names = frozen_trunk.trunk(model)
+    calibration = [torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    quantized, _ = frozen_trunk.quantized(model, names, iter(calibration))
+    frozen_trunk.attach(model, names, _x(), torch.bfloat16, quantized.graph)
+    with torch.no_grad():  # the head trains after the trunk was quantized
+        model.fc.weight.mul_(-2.0)
+    frozen_trunk.detach(model)
+    made = frozen_trunk.int8_model(model, names, quantized)
+    artifact.save_int8(tmp_path, made)
+    served = quantize.Int8Model(artifact.load_int8(tmp_path))
+    x = _x(5)
+    with torch.no_grad():
+        expected = model.fc(torch.flatten(quantized.graph(x.contiguous()), 1))
+        torch.testing.assert_close(served(x), expected)
+        # what calibrating the whole model again gives: one activation scale differs (the last block's
+        # output shares its observer with the pooled features, which the whole model's flatten adds
+        # to that histogram a second time), so close, not equal
+        again = quantize.quantize(model, iter(calibration), "fc")(x.contiguous())
+        assert (again - expected).abs().max() <= 0.05 * again.abs().max()
+    assert frozen_trunk.int8_model(model, names, None) is None  # a float trunk: int8 calibrates the model
+    partial, _ = _frozen("layer2")
+    part = frozen_trunk.trunk(partial)
+    assert frozen_trunk.int8_model(partial, part, frozen_trunk.quantized(partial, part, iter(calibration))[0]) is None

@@ -6,7 +6,10 @@ Runs after the last epoch, on the main rank only, the int8 model on the host's C
 for the tests' tiny model. resnet50 at 224 px on 2 AMX cores (2026-12-06, random weights): 55 s
 to calibrate on 256 images, convert and trace, then per 128 compared images 2.1 s in int8; fp32's
 classes come from the bf16 check's pass over the same images (build's references), which saved
-25 s of 46 for 256 images. int8=false skips it."""
+25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not calibrated
+again: its int8 model is that trunk with the trained head (train.frozen_trunk.int8_model), and
+only the comparison runs here (1.3 s against 37.6-41.9 s for resnet50 at 224 px, 0.4 against
+9.5-10.6 s for resnet18, 2026-12-06). int8=false skips it."""
 
 from __future__ import annotations
 
@@ -36,14 +39,19 @@ def calibration_channel(train: data.Channel, limit: int = CALIBRATION_IMAGES) ->
 
 @torch.inference_mode()
 def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: int = AGREEMENT_IMAGES,
-          references: list[torch.Tensor] | None = None) -> tuple[torch.jit.ScriptModule, float, int]:
+          references: list[torch.Tensor] | None = None,
+          graph: torch.jit.ScriptModule | None = None) -> tuple[torch.jit.ScriptModule, float, int]:
     """(int8 module, its top-1 agreement with fp32 eager, images compared). references: eager
     fp32's top-1 classes of eval_loader's batches, in its order (train.engine.top1_agreement keeps
     them): the comparison then runs int8 alone. fp32 took 5.5x int8's time channels-last, 7.6x
-    NCHW (resnet50, 224 px, 2 AMX cores)."""
+    NCHW (resnet50, 224 px, 2 AMX cores). graph: an int8 module made already (a frozen backbone's
+    int8 trunk with its head, train.frozen_trunk.int8_model): only compared; `calibration` may be None."""
     model.eval()
     start = time.perf_counter()
-    graph = quantize.quantize(model, (batcher(images, labels)[0] for images, labels in calibration), head_name(model))
+    calibrated = graph is None
+    if calibrated:
+        graph = quantize.quantize(model, (batcher(images, labels)[0] for images, labels in calibration),
+                                  head_name(model))
     served = quantize.Int8Model(graph)
     same = total = 0
     for i, (images, labels) in enumerate(eval_loader):
@@ -54,5 +62,6 @@ def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: i
         total += x.shape[0]
         if total >= limit:
             break
-    log.info("int8: calibrated and compared in %.1f s", time.perf_counter() - start)
+    log.info("int8: %s in %.1f s", "calibrated and compared" if calibrated else "compared",
+             time.perf_counter() - start)
     return graph, same / max(total, 1), total

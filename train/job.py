@@ -142,33 +142,34 @@ def example_batch(cfg: hyperparams.Config, device: torch.device) -> torch.Tensor
 
 
 def trace_trunk(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision,
-                debugger_config: Path | None, calibration=None) -> list[str]:
+                debugger_config: Path | None, calibration=None) -> tuple[list[str], frozen_trunk.Int8Trunk | None]:
     """frozen-trunk: the frozen leading modules of a ResNet run as one frozen trace
-    (train.frozen_trunk); returns their names. Before conv-gemm, which then times only the rest.
+    (train.frozen_trunk); returns their names and the int8 trunk where it runs in int8. Before
+    conv-gemm, which then times only the rest.
     calibration: a callable returning normalized training batches (int8.calibration_channel
     through the eval preset), for the int8 trunk; without it the trunk is a float trace."""
     names = frozen_trunk.trunk(model)
     if not names:
-        return []
+        return [], None
     compiling = cfg.compile and debugger_config is None  # compile() ignores compile=true under the hook
     why = frozen_trunk.why_not(cfg.frozen_trunk, device, compiling, collections(debugger_config))
     if why:
         log.info("frozen-trunk: the frozen %s run eagerly (%s)", "/".join(names), why)
-        return []
-    graph = (int8_trunk(cfg.frozen_trunk, model, names, calibration)
-             if calibration is not None and frozen_trunk.wants_int8(cfg.frozen_trunk) else None)
-    frozen_trunk.attach(model, names, example_batch(cfg, device), precision.dtype, graph)
+        return [], None
+    quantized = (int8_trunk(cfg.frozen_trunk, model, names, calibration)
+                 if calibration is not None and frozen_trunk.wants_int8(cfg.frozen_trunk) else None)
+    frozen_trunk.attach(model, names, example_batch(cfg, device), precision.dtype, quantized and quantized.graph)
     log.info("frozen-trunk: the frozen %s run as one frozen %s trace", "/".join(names),
-             "int8" if graph is not None else precision.name)
-    return names
+             "int8" if quantized is not None else precision.name)
+    return names, quantized
 
 
-def int8_trunk(mode: str, model: nn.Module, names: list[str], calibration):
-    """The trunk's int8 graph, or None where auto keeps the float trace: its features stray too far
+def int8_trunk(mode: str, model: nn.Module, names: list[str], calibration) -> frozen_trunk.Int8Trunk | None:
+    """The trunk in int8, or None where auto keeps the float trace: its features stray too far
     from fp32's, or quantizing failed (the job trains on: the float trace computes the same function)."""
     start = time.perf_counter()
     try:
-        graph, error = frozen_trunk.quantized(model, names, calibration())
+        quantized, error = frozen_trunk.quantized(model, names, calibration())
     except Exception as exc:
         log.warning("frozen-trunk: quantizing the trunk failed (%s: %s); it runs as a float trace",
                     type(exc).__name__, str(exc).strip()[:300])
@@ -176,11 +177,11 @@ def int8_trunk(mode: str, model: nn.Module, names: list[str], calibration):
     log.info("frozen-trunk: int8 calibrated on the training images in %.1f s; its features are %.3f from fp32's, "
              "relative to their spread between images", time.perf_counter() - start, error)
     if error <= frozen_trunk.INT8_MAX_ERROR:
-        return graph
+        return quantized
     if mode == "int8":
         log.warning("frozen-trunk: that is more than %.2f: int8 kept, as frozen-trunk=int8 asks",
                     frozen_trunk.INT8_MAX_ERROR)
-        return graph
+        return quantized
     log.warning("frozen-trunk: that is more than %.2f: the float trace instead (frozen-trunk=int8 would keep int8)",
                 frozen_trunk.INT8_MAX_ERROR)
     return None
@@ -324,8 +325,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
-    trace_trunk(cfg, model, device, precision, job.debugger_config,
-                lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs, cfg.seed, workers))
+    trunk_names, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
+                                          lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs,
+                                                                      cfg.seed, workers))
     gemm_convs(cfg, model, device, precision)
     fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
@@ -404,7 +406,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     int8_model = None
     if rank.is_main and cfg.int8:
         int8_model = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
-                               cfg.seed, workers, report_channel, fp32_top1)
+                               cfg.seed, workers, report_channel, fp32_top1, (trunk_names, trunk_int8))
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
                       int8_model)
@@ -424,15 +426,22 @@ def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batc
 
 
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
-              channel, references=None):
+              channel, references=None, trunk=((), None)):
     """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
-    artifact is still complete without it, and the server answers in fp32."""
+    artifact is still complete without it, and the server answers in fp32. trunk: trace_trunk's
+    names and int8 trunk; where that trunk is every module before the head, the int8 model is it
+    with the trained head (frozen_trunk.int8_model) instead of calibrating the model again."""
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return None
     try:
-        graph, agreement, compared = int8.build(model, calibration_loader(splits.train, eval_preset, batch_size, seed, workers),
-                                                report_loader, batcher, references=references)
+        made = frozen_trunk.int8_model(model, *trunk)
+        if made is not None:
+            log.info("int8: the int8 trunk the head trained on, with the trained head in fp32 (the trunk was "
+                     "calibrated on the same training images before the first epoch; not calibrated again)")
+        calibration = calibration_loader(splits.train, eval_preset, batch_size, seed, workers) if made is None else None
+        graph, agreement, compared = int8.build(model, calibration, report_loader, batcher, references=references,
+                                                graph=made)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
