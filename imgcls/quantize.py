@@ -75,10 +75,12 @@ def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 
 def with_head(trunk: nn.Module, head: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """What quantize() makes of a whole model whose layers before `head` are `trunk` (calibrate()'s
-    int8 module of them) and whose forward flattens their output into `head` (kept fp32): made
-    without calibrating again, where those layers were calibrated on the same images and have not
-    changed since (a frozen backbone that trained on its int8 trunk, train.frozen_trunk)."""
+    """A whole model in int8 whose layers before `head` are `trunk` (calibrate()'s int8 module of
+    them) and whose forward flattens their output into `head` (kept fp32), without calibrating
+    again: for layers calibrated on the same images that have not changed since (a frozen backbone
+    that trained on its int8 trunk, train.frozen_trunk). It differs from quantize() of the whole
+    model in one activation scale: there the last layer's output shares its observer with the
+    flattened features as well, so the pooled values count twice in that histogram."""
     return freeze(nn.Sequential(trunk, nn.Flatten(1), copy.deepcopy(head).to("cpu", torch.float32)), example)
 
 
