@@ -140,8 +140,8 @@ def quantized(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor
 def int8_model(model: nn.Module, names: list[str], trunk: Int8Trunk | None) -> torch.jit.ScriptModule | None:
     """The artifact's int8 model made from the int8 trunk the head trained on, where that trunk is
     every module before fc (freeze=backbone): those weights never changed, and the trunk was
-    calibrated on the images train.int8 would calibrate on again (about 40 s for resnet50 at 224 px
-    on 2 cores). None otherwise: train.int8 calibrates the whole model."""
+    calibrated on the images train.int8 would calibrate on again (38-42 s for resnet50 at 224 px on
+    2 AMX cores). None otherwise: train.int8 calibrates the whole model."""
     if trunk is None or tuple(names) != FORWARD:
         return None
     return quantize.with_head(trunk.module, model.fc, trunk.example)
