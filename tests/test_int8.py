@@ -167,3 +167,35 @@ def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model):
         assert int8.build(model, calibration, loader, batcher, limit=20, references=flipped)[1] < agreement
     finally:
         hook.remove()
+
+
+def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s_classes_end(model):
+    """A job's bf16 check compares at most AGREEMENT_IMAGES (on several ranks, each its share), and
+    int8.build then runs fp32 itself for the images the bf16 check's classes do not cover."""
+    from train import int8
+    from train.engine import Batcher, top1_agreement
+
+    batcher = Batcher(torch.device("cpu"), normalize=None, channels_last=False)
+    loader = [(_images(8, seed), torch.zeros(8, dtype=torch.long)) for seed in (3, 4, 5)]
+    taken = []
+
+    def counted():
+        for batch in loader:
+            taken.append(1)
+            yield batch
+
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        references = []
+        top1_agreement(model, counted(), batcher, torch.bfloat16, references=references, limit=12)
+        assert [len(r) for r in references] == [8, 4] and len(taken) == 2  # the third batch never read
+        full = []
+        top1_agreement(model, loader, batcher, torch.bfloat16, references=full)
+        assert torch.equal(references[1], full[1][:4])
+        calls.clear()
+        reused = int8.build(model, loader[:1], loader, batcher, limit=20, references=references)[1:]
+        assert calls == [1, 1]  # fp32 for the second batch (4 of its 8 covered) and the cut third
+        assert reused == int8.build(model, loader[:1], loader, batcher, limit=20)[1:]
+    finally:
+        hook.remove()

@@ -1,15 +1,15 @@
 """The artifact's int8 model (hyperparameter int8): calibrated on training images through the
 eval preset, measured against fp32 on the report images, written next to model.pt.
 
-Runs after the last epoch, on the main rank only, the int8 model on the host's CPU: at most
-256 calibration forwards in fp32 and 1,024 compared images (the limits below). That took 2.4 s
-for the tests' tiny model. resnet50 at 224 px on 2 AMX cores (2026-12-06, random weights): 55 s
-to calibrate on 256 images, convert and trace, then per 128 compared images 2.1 s in int8; fp32's
-classes come from the bf16 check's pass over the same images (build's references), which saved
-25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not calibrated
-again: its int8 model is that trunk with the trained head (train.frozen_trunk.int8_model), and
-only the comparison runs here (1.3 s against 37.6-41.9 s for resnet50 at 224 px, 0.4 against
-9.5-10.6 s for resnet18, 2026-12-06). int8=false skips it."""
+Runs after the last epoch, on the main rank only, the int8 model on the host's CPU: at most 256
+calibration forwards in fp32 and 1,024 compared images (CALIBRATION_IMAGES, AGREEMENT_IMAGES). That
+took 2.4 s for the tests' tiny model. resnet50 at 224 px on 2 AMX cores (2026-12-06, random
+weights): 55 s to calibrate on 256 images, convert and trace, then per 128 compared images 2.1 s in
+int8; fp32's classes come from the bf16 check's pass over the same images (build's references),
+which saved 25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not
+calibrated again: its int8 model is that trunk with the trained head
+(train.frozen_trunk.int8_model), and only the comparison runs here (1.3 s against 37.6-41.9 s for
+resnet50 at 224 px, 0.4 against 9.5-10.6 s for resnet18, 2026-12-06). int8=false skips it."""
 
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ from imgcls import quantize
 from imgcls.models import head_name
 
 from . import data
-from .engine import Batcher
+from .engine import AGREEMENT_IMAGES, Batcher
 
 log = logging.getLogger("train")
 
 CALIBRATION_IMAGES = 256   # activation ranges settle well before this on ResNets
-AGREEMENT_IMAGES = 1024    # a 99% gate needs a few hundred images to mean anything
 
 
 def calibration_channel(train: data.Channel, limit: int = CALIBRATION_IMAGES) -> data.Channel:
@@ -57,7 +56,9 @@ def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: i
     for i, (images, labels) in enumerate(eval_loader):
         x, _ = batcher(images, labels)
         x = x[:limit - total]
-        reference = model(x).argmax(1) if references is None else references[i][:x.shape[0]]
+        # references cover what the bf16 check compared: on several ranks, this rank's share
+        kept = references[i] if references is not None and i < len(references) else None
+        reference = kept[:x.shape[0]] if kept is not None and len(kept) >= x.shape[0] else model(x).argmax(1)
         same += int((served(x).argmax(1) == reference).sum())
         total += x.shape[0]
         if total >= limit:
