@@ -236,7 +236,7 @@ def test_a_frozen_backbones_int8_model_is_the_int8_trunk_it_trained_on_with_its_
     with torch.no_grad():  # the head trains after the trunk was quantized
         model.fc.weight.mul_(-2.0)
     frozen_trunk.detach(model)
-    made = frozen_trunk.int8_model(model, names, quantized)
+    made = frozen_trunk.int8_model(model, quantized)
     artifact.save_int8(tmp_path, made)
     served = quantize.Int8Model(artifact.load_int8(tmp_path))
     x = _x(5)
@@ -248,7 +248,7 @@ def test_a_frozen_backbones_int8_model_is_the_int8_trunk_it_trained_on_with_its_
         # to that histogram a second time), so close, not equal
         again = quantize.quantize(model, iter(calibration), "fc")(x.contiguous())
         assert (again - expected).abs().max() <= 0.05 * again.abs().max()
-    assert frozen_trunk.int8_model(model, names, None) is None  # a float trunk: int8 calibrates the model
+    assert frozen_trunk.int8_model(model, None) is None  # a float trunk: int8 calibrates the model
     partial, _ = _frozen("layer2")
     part = frozen_trunk.trunk(partial)
-    assert frozen_trunk.int8_model(partial, part, frozen_trunk.quantized(partial, part, iter(calibration))[0]) is None
+    assert frozen_trunk.int8_model(partial, frozen_trunk.quantized(partial, part, iter(calibration))[0]) is None

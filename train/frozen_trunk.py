@@ -109,8 +109,9 @@ def int8_error(reference: torch.Tensor, int8: torch.Tensor) -> float:
 
 
 class Int8Trunk(NamedTuple):
-    """The trunk in int8: `graph` runs in the training step; `module` and `example` (of
+    """The trunk `names` in int8: `graph` runs in the training step; `module` and `example` (of
     quantize.calibrate) make the artifact's int8 model with the trained head (int8_model)."""
+    names: tuple[str, ...]
     graph: torch.jit.ScriptModule
     module: nn.Module
     example: torch.Tensor
@@ -134,15 +135,15 @@ def quantized(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor
             reference = module(x).cpu()
     graph = quantize.freeze(int8, example)
     with torch.no_grad():
-        return Int8Trunk(graph, int8, example), int8_error(reference, graph(first[0].contiguous()))
+        return Int8Trunk(tuple(names), graph, int8, example), int8_error(reference, graph(first[0].contiguous()))
 
 
-def int8_model(model: nn.Module, names: list[str], trunk: Int8Trunk | None) -> torch.jit.ScriptModule | None:
+def int8_model(model: nn.Module, trunk: Int8Trunk | None) -> torch.jit.ScriptModule | None:
     """The artifact's int8 model made from the int8 trunk the head trained on, where that trunk is
     every module before fc (freeze=backbone): those weights never changed, and the trunk was
     calibrated on the images train.int8 would calibrate on again (38-42 s for resnet50 at 224 px on
     2 AMX cores). None otherwise: train.int8 calibrates the whole model."""
-    if trunk is None or tuple(names) != FORWARD:
+    if trunk is None or trunk.names != FORWARD:
         return None
     return quantize.with_head(trunk.module, model.fc, trunk.example)
 

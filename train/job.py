@@ -333,9 +333,9 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                                                   resumed["epoch"])
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
-    trunk_names, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
-                                          lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs,
-                                                                      cfg.seed, workers))
+    _, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
+                                lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs,
+                                                            cfg.seed, workers))
     gemm_convs(cfg, model, device, precision)
     fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
@@ -416,7 +416,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     int8_model = None
     if rank.is_main and cfg.int8:
         int8_model = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
-                               cfg.seed, workers, report_channel, fp32_top1, (trunk_names, trunk_int8))
+                               cfg.seed, workers, report_channel, fp32_top1, trunk_int8)
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
                       int8_model)
@@ -436,16 +436,16 @@ def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batc
 
 
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
-              channel, references=None, trunk=((), None)):
+              channel, references=None, trunk: frozen_trunk.Int8Trunk | None = None):
     """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
     artifact is still complete without it, and the server answers in fp32. trunk: trace_trunk's
-    names and int8 trunk; where that trunk is every module before the head, the int8 model is it
-    with the trained head (frozen_trunk.int8_model) instead of calibrating the model again."""
+    int8 trunk; where it is every module before the head, the int8 model is it with the trained
+    head (frozen_trunk.int8_model) instead of calibrating the model again."""
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return None
     try:
-        made = frozen_trunk.int8_model(model, *trunk)
+        made = frozen_trunk.int8_model(model, trunk)
         if made is not None:
             log.info("int8: the int8 trunk the head trained on, with the trained head in fp32 (the trunk was "
                      "calibrated on the same training images before the first epoch; not calibrated again)")
