@@ -140,36 +140,51 @@ def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
     assert not (model_dir / artifact.INT8_FILE).exists()
 
 
-def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model):
-    """train.job runs eager fp32 over the report images once: top1_agreement keeps its top-1
-    classes and int8.build compares int8 against them, to the same agreement and count as when it
-    runs fp32 itself, without calling the model again."""
+def _fp32_batches(monkeypatch) -> list[int]:
+    """The sizes of the batches fp32 runs on as the endpoint runs it, call by call."""
+    from imgcls.inference import InferenceModel
+
+    sizes = []
+    call = InferenceModel.__call__
+
+    def counted(self, x):
+        if self.dtype is None:
+            assert self.mode == "jit"  # on a CPU the server's frozen trace, not the eager model
+            sizes.append(x.shape[0])
+        return call(self, x)
+
+    monkeypatch.setattr(InferenceModel, "__call__", counted)
+    return sizes
+
+
+def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model, monkeypatch):
+    """train.job runs fp32 over the report images once, as the server runs it (the frozen trace on
+    a CPU, not eager): top1_agreement keeps its top-1 classes and int8.build compares int8 against
+    them, to the same agreement and count as when it runs fp32 itself, without running fp32 again."""
     from train import int8
     from train.engine import Batcher, top1_agreement
 
     batcher = Batcher(torch.device("cpu"), normalize=None, channels_last=False)
     loader = [(_images(8, seed), torch.zeros(8, dtype=torch.long)) for seed in (3, 4, 5)]  # floats: only moved
     calibration = loader[:1]
-    calls = []
-    hook = model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        references = []
-        top1_agreement(model, loader, batcher, torch.bfloat16, references=references)
-        assert [r.shape for r in references] == [torch.Size([8])] * 3
-        calls.clear()
-        _, agreement, compared = int8.build(model, calibration, loader, batcher, limit=20)
-        fp32_calls = len(calls)
-        calls.clear()
-        _, reused, reused_compared = int8.build(model, calibration, loader, batcher, limit=20, references=references)
-        assert (reused, reused_compared) == (agreement, compared) and compared == 20  # the last batch cut to 4
-        assert fp32_calls == 3 and calls == []  # the model itself: never, with the references
-        flipped = [(r + 1) % len(CLASSES) for r in references]  # other classes: the comparison reads them
-        assert int8.build(model, calibration, loader, batcher, limit=20, references=flipped)[1] < agreement
-    finally:
-        hook.remove()
+    fp32 = _fp32_batches(monkeypatch)
+    references = []
+    top1_agreement(model, loader, batcher, torch.bfloat16, references=references)
+    assert fp32 == [8, 8, 8]
+    with torch.no_grad():  # the trace's classes are eager fp32's on these images
+        assert all(torch.equal(r, model(x).argmax(1)) for r, (x, _) in zip(references, loader, strict=True))
+    fp32.clear()
+    _, agreement, compared = int8.build(model, calibration, loader, batcher, limit=20)
+    assert fp32 == [8, 8, 4]  # the last batch cut to the limit
+    fp32.clear()
+    _, reused, reused_compared = int8.build(model, calibration, loader, batcher, limit=20, references=references)
+    assert (reused, reused_compared) == (agreement, compared) and compared == 20
+    assert fp32 == []
+    flipped = [(r + 1) % len(CLASSES) for r in references]  # other classes: the comparison reads them
+    assert int8.build(model, calibration, loader, batcher, limit=20, references=flipped)[1] < agreement
 
 
-def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s_classes_end(model):
+def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s_classes_end(model, monkeypatch):
     """A job's bf16 check compares at most AGREEMENT_IMAGES (on several ranks, each its share), and
     int8.build then runs fp32 itself for the images the bf16 check's classes do not cover."""
     from train import int8
@@ -184,18 +199,13 @@ def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s
             taken.append(1)
             yield batch
 
-    calls = []
-    hook = model.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        references = []
-        top1_agreement(model, counted(), batcher, torch.bfloat16, references=references, limit=12)
-        assert [len(r) for r in references] == [8, 4] and len(taken) == 2  # the third batch never read
-        full = []
-        top1_agreement(model, loader, batcher, torch.bfloat16, references=full)
-        assert torch.equal(references[1], full[1][:4])
-        calls.clear()
-        reused = int8.build(model, loader[:1], loader, batcher, limit=20, references=references)[1:]
-        assert calls == [1, 1]  # fp32 for the second batch (4 of its 8 covered) and the cut third
-        assert reused == int8.build(model, loader[:1], loader, batcher, limit=20)[1:]
-    finally:
-        hook.remove()
+    references = []
+    top1_agreement(model, counted(), batcher, torch.bfloat16, references=references, limit=12)
+    assert [len(r) for r in references] == [8, 4] and len(taken) == 2  # the third batch never read
+    full = []
+    top1_agreement(model, loader, batcher, torch.bfloat16, references=full)
+    assert torch.equal(references[1], full[1][:4])
+    fp32 = _fp32_batches(monkeypatch)
+    reused = int8.build(model, loader[:1], loader, batcher, limit=20, references=references)[1:]
+    assert fp32 == [8, 4]  # the second batch (4 of its 8 covered) and the third, cut to the limit
+    assert reused == int8.build(model, loader[:1], loader, batcher, limit=20)[1:]

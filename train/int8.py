@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from imgcls import quantize
+from imgcls.inference import InferenceModel
 from imgcls.models import head_name
 
 from . import data
@@ -40,11 +41,12 @@ def calibration_channel(train: data.Channel, limit: int = CALIBRATION_IMAGES) ->
 def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: int = AGREEMENT_IMAGES,
           references: list[torch.Tensor] | None = None,
           graph: torch.jit.ScriptModule | None = None) -> tuple[torch.jit.ScriptModule, float, int]:
-    """(int8 module, its top-1 agreement with fp32 eager, images compared). references: eager
-    fp32's top-1 classes of eval_loader's batches, in its order (train.engine.top1_agreement keeps
-    them): the comparison then runs int8 alone. fp32 took 5.5x int8's time channels-last, 7.6x
-    NCHW (resnet50, 224 px, 2 AMX cores). graph: an int8 module made already (a frozen backbone's
-    int8 trunk with its head, train.frozen_trunk.int8_model): only compared; `calibration` may be None."""
+    """(int8 module, its top-1 agreement with fp32, images compared), fp32 run as the endpoint
+    runs it (imgcls.inference), as in the bf16 check. references: fp32's top-1 classes of
+    eval_loader's batches, in its order (train.engine.top1_agreement keeps them): the comparison
+    then runs int8 alone (eager fp32 took 5.5x int8's time channels-last, 7.6x NCHW; resnet50,
+    224 px, 2 AMX cores). graph: an int8 module made already (a frozen backbone's int8 trunk with
+    its head, train.frozen_trunk.int8_model): only compared; `calibration` may be None."""
     model.eval()
     start = time.perf_counter()
     calibrated = graph is None
@@ -52,13 +54,18 @@ def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: i
         graph = quantize.quantize(model, (batcher(images, labels)[0] for images, labels in calibration),
                                   head_name(model))
     served = quantize.Int8Model(graph)
+    fp32 = None
     same = total = 0
     for i, (images, labels) in enumerate(eval_loader):
         x, _ = batcher(images, labels)
         x = x[:limit - total]
         # references cover what the bf16 check compared: on several ranks, this rank's share
         kept = references[i] if references is not None and i < len(references) else None
-        reference = kept[:x.shape[0]] if kept is not None and len(kept) >= x.shape[0] else model(x).argmax(1)
+        if kept is not None and len(kept) >= x.shape[0]:
+            reference = kept[:x.shape[0]]
+        else:
+            fp32 = fp32 or InferenceModel(model, x[:1], None)
+            reference = fp32(x).argmax(1)
         same += int((served(x).argmax(1) == reference).sum())
         total += x.shape[0]
         if total >= limit:
