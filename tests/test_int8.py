@@ -140,21 +140,25 @@ def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
     assert not (model_dir / artifact.INT8_FILE).exists()
 
 
-def _fp32_batches(monkeypatch) -> list[int]:
-    """The sizes of the batches fp32 runs on as the endpoint runs it, call by call."""
+def _served_batches(monkeypatch) -> dict:
+    """The sizes of the batches the model runs on as the endpoint runs it, call by call, per
+    precision (None: fp32)."""
     from imgcls.inference import InferenceModel
 
-    sizes = []
+    sizes = {None: [], torch.bfloat16: []}
     call = InferenceModel.__call__
 
     def counted(self, x):
-        if self.dtype is None:
-            assert self.mode == "jit"  # on a CPU the server's frozen trace, not the eager model
-            sizes.append(x.shape[0])
+        assert self.mode == "jit"  # on a CPU the server's frozen trace, not the eager model
+        sizes[self.dtype].append(x.shape[0])
         return call(self, x)
 
     monkeypatch.setattr(InferenceModel, "__call__", counted)
     return sizes
+
+
+def _fp32_batches(monkeypatch) -> list[int]:
+    return _served_batches(monkeypatch)[None]
 
 
 def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model, monkeypatch):
@@ -209,3 +213,31 @@ def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s
     reused = int8.build(model, loader[:1], loader, batcher, limit=20, references=references)[1:]
     assert fp32 == [8, 4]  # the second batch (4 of its 8 covered) and the third, cut to the limit
     assert reused == int8.build(model, loader[:1], loader, batcher, limit=20)[1:]
+
+
+def test_a_jobs_report_pass_runs_as_served_and_gives_the_bf16_check_its_classes(model, monkeypatch):
+    """train.job's report pass (evaluate with top1) runs the model as the endpoint runs it in the
+    training precision and keeps each batch's top-1 classes; where that precision is bf16, the
+    bf16 check runs only fp32, to the same agreement as when it runs bf16 itself."""
+    from train.engine import Batcher, Precision, evaluate, top1_agreement
+
+    batcher = Batcher(torch.device("cpu"), normalize=None, channels_last=False)
+    loader = [(_images(8, seed), torch.tensor([seed % 4] * 8)) for seed in (3, 4, 5)]
+    bf16 = Precision(torch.bfloat16, False, "bf16")
+    eager = evaluate(model, loader, batcher, bf16, 2, len(CLASSES))
+    calls = _served_batches(monkeypatch)
+    top1 = []
+    served = evaluate(model, loader, batcher, bf16, 2, len(CLASSES), top1=top1)
+    assert calls == {None: [], torch.bfloat16: [8, 8, 8]} and [len(t) for t in top1] == [8, 8, 8]
+    assert served.samples == eager.samples == 24
+    assert served.confusion.sum(1).tolist() == eager.confusion.sum(1).tolist()
+    assert torch.equal(served.confusion.sum(0), torch.bincount(torch.cat(top1), minlength=len(CLASSES)))
+    assert abs(served.loss - eager.loss) < 0.05 * abs(eager.loss)  # one function, bf16 rounding apart
+    calls[torch.bfloat16].clear()
+    alone = top1_agreement(model, loader, batcher, torch.bfloat16, limit=20)
+    assert calls == {None: [8, 8, 4], torch.bfloat16: [8, 8, 4]}
+    calls[None].clear(), calls[torch.bfloat16].clear()
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, computed=top1) == alone
+    assert calls == {None: [8, 8, 4], torch.bfloat16: []}
+    flipped = [(t + 1) % len(CLASSES) for t in top1]  # other classes: the check reads them
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, computed=flipped) < alone

@@ -145,29 +145,47 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
 AGREEMENT_IMAGES = 1024
 
 
+class ServedTop1:
+    """Top-1 classes of a loader's batches with the model run as the endpoint runs it in dtype:
+    `computed`'s (a tensor per batch, in the loader's order) where they cover batch i, else
+    computed here."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, computed: list | None = None):
+        self.model, self.dtype, self.computed = model, dtype, computed
+        self.served = None
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        kept = self.computed[i] if self.computed is not None and i < len(self.computed) else None
+        if kept is not None and len(kept) >= x.shape[0]:
+            return kept[:x.shape[0]]
+        self.served = self.served or InferenceModel(self.model, x[:1], self.dtype)
+        return self.served(x).argmax(1)
+
+
 @torch.inference_mode()
 def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype, reduce=None,
-                   references: list | None = None, limit: int | None = None) -> float:
+                   references: list | None = None, limit: int | None = None,
+                   computed: list | None = None) -> float:
     """Share of images whose top-1 class is the same in dtype as in fp32, each run as the endpoint
     runs the model (imgcls.inference): whether the server may answer in that precision
     (serve.predictor reads it from the artifact). references: a list that gets fp32's top-1
     classes, a tensor per batch, so that int8's comparison over the same loader (train.int8.build)
-    need not run fp32 again. limit: at most this many of the loader's images, the first."""
+    need not run fp32 again. limit: at most this many of the loader's images, the first.
+    computed: dtype's top-1 classes of the loader's batches, in its order (evaluate's top1 where
+    the report pass ran in dtype): only fp32 runs for those."""
     model.eval()
     same = total = 0
-    served = fp32 = None
+    # fp32 too as a CPU worker runs it, a frozen trace: 17-18 against 21 ms an image eager for
+    # resnet18, 49-51 against 61-66 for resnet50 (224 px, 2 AMX cores)
+    fp32, served = ServedTop1(model, None), ServedTop1(model, dtype, computed)
     with torch.no_grad():
-        for images, labels in loader:
+        for i, (images, labels) in enumerate(loader):
             x, _ = batcher(images, labels)
             x = x if limit is None else x[:limit - total]
-            if served is None:
-                # fp32 too as a CPU worker runs it, a frozen trace: 17-18 against 21 ms an image
-                # eager for resnet18, 49-51 against 61-66 for resnet50 (224 px, 2 AMX cores)
-                served, fp32 = InferenceModel(model, x[:1], dtype), InferenceModel(model, x[:1], None)
-            reference = fp32(x).argmax(1)
+            reference = fp32(i, x)
             if references is not None:
                 references.append(reference)
-            same += int((served(x).argmax(1) == reference).sum())
+            same += int((served(i, x) == reference).sum())
             total += x.shape[0]
             if limit is not None and total >= limit:
                 break
@@ -178,18 +196,27 @@ def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtyp
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, batcher: Batcher, precision: Precision, top_k: int,
-             num_classes: int, reduce=None) -> EpochResult:
-    """Plain cross-entropy (no label smoothing) so valid loss compares across recipes."""
+             num_classes: int, reduce=None, top1: list | None = None) -> EpochResult:
+    """Plain cross-entropy (no label smoothing) so valid loss compares across recipes. top1 (a job's
+    report pass): the model runs as the endpoint runs it in this precision (imgcls.inference; on a
+    CPU a frozen trace, 22 against 30 ms an image eager for resnet50 in bf16 at 224 px), and the
+    list gets each batch's top-1 classes, which top1_agreement need not compute again."""
     model.eval()
     device = batcher.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     correct_k = torch.zeros((), device=device, dtype=torch.long)
+    served = None
     start = time.perf_counter()
     for images, labels in loader:
         x, y = batcher(images, labels)
-        with autocast(device, precision):
-            logits = model(x).float()
+        if top1 is None:
+            with autocast(device, precision):
+                logits = model(x).float()
+        else:
+            served = served or InferenceModel(model, x[:1], precision.dtype)
+            logits = served(x)
+            top1.append(logits.argmax(1))
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         _, ck = _topk_correct(logits, y, top_k)
         correct_k += ck

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from imgcls import quantize
-from imgcls.inference import InferenceModel
 from imgcls.models import head_name
 
 from . import data
-from .engine import AGREEMENT_IMAGES, Batcher
+from .engine import AGREEMENT_IMAGES, Batcher, ServedTop1
 
 log = logging.getLogger("train")
 
@@ -54,19 +53,13 @@ def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: i
         graph = quantize.quantize(model, (batcher(images, labels)[0] for images, labels in calibration),
                                   head_name(model))
     served = quantize.Int8Model(graph)
-    fp32 = None
+    # references cover what the bf16 check compared: on several ranks, this rank's share
+    fp32 = ServedTop1(model, None, references)
     same = total = 0
     for i, (images, labels) in enumerate(eval_loader):
         x, _ = batcher(images, labels)
         x = x[:limit - total]
-        # references cover what the bf16 check compared: on several ranks, this rank's share
-        kept = references[i] if references is not None and i < len(references) else None
-        if kept is not None and len(kept) >= x.shape[0]:
-            reference = kept[:x.shape[0]]
-        else:
-            fp32 = fp32 or InferenceModel(model, x[:1], None)
-            reference = fp32(x).argmax(1)
-        same += int((served(x).argmax(1) == reference).sum())
+        same += int((served(x).argmax(1) == fp32(i, x)).sum())
         total += x.shape[0]
         if total >= limit:
             break
