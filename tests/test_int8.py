@@ -217,8 +217,8 @@ def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s
 
 def test_a_jobs_report_pass_runs_as_served_and_gives_the_bf16_check_its_classes(model, monkeypatch):
     """train.job's report pass (evaluate with top1) runs the model as the endpoint runs it in the
-    training precision and keeps each batch's top-1 classes; where that precision is bf16, the
-    bf16 check runs only fp32, to the same agreement as when it runs bf16 itself."""
+    training precision and keeps each batch's top-1 classes; where that precision is bf16 (or
+    fp32), the bf16 check runs only fp32 (or bf16), to the same agreement as when it runs both."""
     from train.engine import Batcher, Precision, evaluate, top1_agreement
 
     batcher = Batcher(torch.device("cpu"), normalize=None, channels_last=False)
@@ -237,7 +237,21 @@ def test_a_jobs_report_pass_runs_as_served_and_gives_the_bf16_check_its_classes(
     alone = top1_agreement(model, loader, batcher, torch.bfloat16, limit=20)
     assert calls == {None: [8, 8, 4], torch.bfloat16: [8, 8, 4]}
     calls[None].clear(), calls[torch.bfloat16].clear()
-    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, computed=top1) == alone
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, computed=(torch.bfloat16, top1)) == alone
     assert calls == {None: [8, 8, 4], torch.bfloat16: []}
     flipped = [(t + 1) % len(CLASSES) for t in top1]  # other classes: the check reads them
-    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, computed=flipped) < alone
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20,
+                          computed=(torch.bfloat16, flipped)) < alone
+    # A job that trained in fp32 (a CPU without fast bf16): its report pass is the check's fp32 side.
+    calls[None].clear(), calls[torch.bfloat16].clear()
+    fp32_top1 = []
+    evaluate(model, loader, batcher, Precision(None, False, "fp32"), 2, len(CLASSES), top1=fp32_top1)
+    assert calls == {None: [8, 8, 8], torch.bfloat16: []}
+    calls[None].clear()
+    references = []
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20, references=references,
+                          computed=(None, fp32_top1)) == alone
+    assert calls == {None: [], torch.bfloat16: [8, 8, 4]}
+    assert [len(r) for r in references] == [8, 8, 4]  # int8's comparison still gets fp32's classes
+    assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20,
+                          computed=(None, [(t + 1) % len(CLASSES) for t in fp32_top1])) < alone

@@ -165,19 +165,21 @@ class ServedTop1:
 @torch.inference_mode()
 def top1_agreement(model: nn.Module, loader, batcher: Batcher, dtype: torch.dtype, reduce=None,
                    references: list | None = None, limit: int | None = None,
-                   computed: list | None = None) -> float:
+                   computed: tuple[torch.dtype | None, list] | None = None) -> float:
     """Share of images whose top-1 class is the same in dtype as in fp32, each run as the endpoint
     runs the model (imgcls.inference): whether the server may answer in that precision
     (serve.predictor reads it from the artifact). references: a list that gets fp32's top-1
     classes, a tensor per batch, so that int8's comparison over the same loader (train.int8.build)
     need not run fp32 again. limit: at most this many of the loader's images, the first.
-    computed: dtype's top-1 classes of the loader's batches, in its order (evaluate's top1 where
-    the report pass ran in dtype): only fp32 runs for those."""
+    computed: (a precision, its top-1 classes of the loader's batches in its order), from a pass
+    that ran the model as served (evaluate's top1): that side of the comparison is not run again
+    where it is dtype's or fp32's."""
     model.eval()
     same = total = 0
+    known = dict([computed]) if computed is not None else {}
     # fp32 too as a CPU worker runs it, a frozen trace: 17-18 against 21 ms an image eager for
     # resnet18, 49-51 against 61-66 for resnet50 (224 px, 2 AMX cores)
-    fp32, served = ServedTop1(model, None), ServedTop1(model, dtype, computed)
+    fp32, served = ServedTop1(model, None, known.get(None)), ServedTop1(model, dtype, known.get(dtype))
     with torch.no_grad():
         for i, (images, labels) in enumerate(loader):
             x, _ = batcher(images, labels)

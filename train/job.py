@@ -400,7 +400,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     final = {k: v for k, v in history[-1].items()} if history else {}
     final.update({f"best_{k}": v for k, v in next(h for h in history if h["epoch"] == best["epoch"]).items()})
     report_channel = "test" if splits.test is not None else "valid"
-    served_top1 = []  # the report pass runs as served in the training precision: bf16's classes for the check
+    served_top1 = []  # the report pass runs as served in the training precision: one side of the bf16 check
     result = evaluate(model, eval_loaders[report_channel], batcher, precision, top_k, len(classes), reduce=rank.reduce,
                       top1=served_top1)
     if splits.test is not None:
@@ -408,12 +408,12 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         log.info(metrics.test_line(test))
         final.update(test)
     fp32_top1 = []  # int8's comparison below runs over the same loader: fp32 once for both
-    # AGREEMENT_IMAGES in all: on a CPU a test image costs this check an fp32 forward, and a bf16 one
-    # where the job did not train in bf16
+    # AGREEMENT_IMAGES in all: on a CPU a test image costs this check a bf16 or an fp32 forward where
+    # the job trained in one of them (the report pass ran it), else both
     final["bf16_top1_agreement"] = top1_agreement(model, eval_loaders[report_channel], batcher, torch.bfloat16,
                                                   reduce=rank.reduce, references=fp32_top1,
                                                   limit=-(-AGREEMENT_IMAGES // rank.world_size),
-                                                  computed=served_top1 if precision.dtype == torch.bfloat16 else None)
+                                                  computed=(precision.dtype, served_top1))
     log.info("bf16 gives the same top-1 class as fp32 on %.1f%% of the %s images (the first %d at most; the server "
              "answers in bf16 where the hardware is fast at it and this is at least 99%%)",
              100 * final["bf16_top1_agreement"], report_channel, AGREEMENT_IMAGES)
