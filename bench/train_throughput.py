@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -72,7 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as V1
 
-from bench import machine, roofline
+from bench import machine, roofline, stats
 from bench.images import photo_like_jpegs
 from bench.stacks import dump_stacks_every
 from imgcls import quantize
@@ -588,19 +587,11 @@ def accuracy(args, device, workers, work: Path, freeze: str = "none", backbone: 
     # the difference is taken seed by seed: what is left of it is how they compute. With each drawing
     # its own crops, the draws alone moved naive's mean over thirty seeds by 0.004 (docs/benchmarks.md).
     paired = list(zip(out["default"]["runs"], out["naive"]["runs"], strict=True))
-    out["difference_sd"], out["difference_se"] = _paired([d["valid_acc"] - n["valid_acc"] for d, n in paired])
+    out["difference_sd"], out["difference_se"] = stats.sd_se([d["valid_acc"] - n["valid_acc"] for d, n in paired])
     through = [d["valid_acc_int8_trunk"] - n["valid_acc"] for d, n in paired if d["int8_trunk"]]
     out["int8_trunk_minus_naive"] = statistics.fmean(through) if through else None
-    out["int8_trunk_difference_se"] = _paired(through)[1]
+    out["int8_trunk_difference_se"] = stats.sd_se(through)[1]
     return out
-
-
-def _paired(differences: list[float]) -> tuple[float | None, float | None]:
-    """(sd, standard error of the mean) of per-seed differences; None for fewer than two."""
-    if len(differences) < 2:
-        return None, None
-    sd = statistics.stdev(differences)
-    return sd, sd / math.sqrt(len(differences))
 
 
 def _ratio(value: float, met: bool, threshold: float) -> str:

@@ -442,6 +442,13 @@ def test_jvm_flags_benchmark_quick_run(tmp_path):
         for label in ("default", "other"):
             assert row[f"{label}_jvm_cpu_ms"] > 0 and row[f"{label}_img_s_c4"] > 0 and row[f"{label}_p50_ms"] > 0
     assert "JVM CPU per request" in result.stdout
+    # the servers take turns going first, and the second half is compared round by round
+    assert [row["first"] for row in report["rounds"]] == ["default", "other"] and report["started_first"] == "default"
+    last, summary = report["rounds"][1], report["summary"]
+    assert summary["other_vs_default_p50_ms"] == pytest.approx(last["other_p50_ms"] - last["default_p50_ms"])
+    assert summary["other_vs_default_c4_ratio"] == pytest.approx(last["other_img_s_c4"] / last["default_img_s_c4"])
+    assert summary["other_vs_default_jvm_cpu_ms_se"] is None  # one round in the second half
+    assert "paired by round" in result.stdout
 
 
 def test_photos_are_fixed_by_their_chunks(tmp_path, monkeypatch):
