@@ -46,8 +46,9 @@ COPY README.md /opt/imgcls/
 RUN pip install --no-deps --no-build-isolation /opt/imgcls
 COPY docker/serve-entrypoint.sh /usr/local/bin/serve-entrypoint
 
-# The JVM sizes its heap from the container's memory limit, not the host's.
-ENV SAGEMAKER_MODEL_SERVER_VMARGS="-XX:+UseContainerSupport -XX:MaxRAMPercentage=25 -XX:+ExitOnOutOfMemoryError"
+# No SAGEMAKER_MODEL_SERVER_VMARGS here: serve's default (serve/server.py) sizes the JVM's heap from
+# the container's memory limit and carries the flags bench/jvm_flags.py measured; an ENV would
+# replace all of them.
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
 EXPOSE 8080
 WORKDIR /opt/ml

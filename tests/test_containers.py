@@ -21,6 +21,7 @@ import torch
 from imgcls.hardware import fast_bf16
 from serve.predictor import Predictor
 from serve.process import free_port
+from serve.server import DEFAULT_VMARGS
 from tests.conftest import ROOT, TINY, moto_server, stage_times, wait_http
 from train.synthetic import make_dataset
 
@@ -229,6 +230,12 @@ def test_serving_image_answers_like_the_model(images, env, trained_dir):
         assert bad.returncode != 0 and json.loads(bad.stdout)["code"] == 400
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as resp:
             assert json.loads(resp.read())["status"] == "Healthy"
+        # the image's JVM runs with serve's flags, not with an ENV that replaces them
+        cmdlines = run(["podman", "exec", name, "sh", "-c",
+                        "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"],
+                       env, 60, stage="the container's command lines").stdout
+        jvm = next(line for line in cmdlines.split("\n") if "com.amazonaws.ml.mms.ModelServer" in line)
+        assert all(flag in jvm.split() for flag in DEFAULT_VMARGS.split()), jvm
     finally:
         subprocess.run(["podman", "stop", "-t", "10", name], env=env, capture_output=True, timeout=120)
         proc.wait(timeout=60)
