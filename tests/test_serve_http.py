@@ -152,6 +152,7 @@ def test_ping_and_start_up_log(server):
     # The JVM runs with serve's flags (through sagemaker-inference's config and MMS's launcher).
     jvm_args = server.jvm().cmdline()
     assert "-XX:TieredStopAtLevel=1" in jvm_args and "-XX:MaxRAMPercentage=25" in jvm_args, jvm_args
+    assert "-XX:+UseSerialGC" in jvm_args, jvm_args
 
 
 def test_the_log_has_no_line_per_request_unless_asked(server, images):
