@@ -5,9 +5,9 @@ Two `serve` processes on the same artifact, one with serve's default SAGEMAKER_M
 and one with another set (default: the same without -XX:TieredStopAtLevel=1, i.e. the JVM's own
 tiered C1+C2 compilation), take turns: each round sends 40 requests at concurrency 4 and 20 at
 concurrency 1 to each, the two going first in turn, and the second half's rounds are compared
-pair by pair as well as by their medians. On a small instance the JVM shares the cores with the model workers, so
-every millisecond of CPU it spends per request (its JIT compiler threads included) is taken from
-the model. Writes bench/results/jvm_flags.json.
+pair by pair as well as by their medians. On a small instance the JVM shares the cores with the
+model workers, so every millisecond of CPU it spends per request (its JIT compiler threads
+included) is taken from the model. Writes bench/results/jvm_flags.json.
 """
 
 from __future__ import annotations

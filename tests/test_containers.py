@@ -234,8 +234,8 @@ def test_serving_image_answers_like_the_model(images, env, trained_dir):
         cmdlines = run(["podman", "exec", name, "sh", "-c",
                         "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done"],
                        env, 60, stage="the container's command lines").stdout
-        jvm = next(line for line in cmdlines.split("\n") if "com.amazonaws.ml.mms.ModelServer" in line)
-        assert all(flag in jvm.split() for flag in DEFAULT_VMARGS.split()), jvm
+        jvms = [line.split() for line in cmdlines.split("\n") if "com.amazonaws.ml.mms.ModelServer" in line]
+        assert jvms and all(flag in jvm for jvm in jvms for flag in DEFAULT_VMARGS.split()), cmdlines[-3000:]
     finally:
         subprocess.run(["podman", "stop", "-t", "10", name], env=env, capture_output=True, timeout=120)
         proc.wait(timeout=60)
