@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that keeps the benchmark working")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--rounds", type=int, help="rounds of 40 + 20 requests per server (default 20)")
-    p.add_argument("--other", default=DEFAULT_VMARGS.replace(C1_ONLY, "").strip(),
+    p.add_argument("--other", default=" ".join(f for f in DEFAULT_VMARGS.split() if f != C1_ONLY),
                    help="the JVM flags to compare with serve's default (default: serve's without "
                         "-XX:TieredStopAtLevel=1, so the JVM's own C1+C2 JIT)")
     p.add_argument("--other-first", action="store_true",
