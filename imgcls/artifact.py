@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import __version__
+from . import __version__, quantize
 from .errors import ArtifactError, ClassifierError
 from .models import create_model
 from .presets import ClassificationPresetEval
@@ -32,6 +33,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 INT8_FILE = "model_int8.pt"
+INT8_ENGINE_ENTRY = "quantized_engine"   # an extra file inside INT8_FILE's TorchScript archive
 
 
 @dataclass
@@ -137,9 +139,20 @@ def load(model_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.
 
 
 def save_int8(model_dir: Path, graph: torch.jit.ScriptModule) -> None:
+    """The int8 model, with the quantized engine it runs on (imgcls.quantize.engine_of) beside it
+    in the archive."""
+    extra = {INT8_ENGINE_ENTRY: quantize.engine_of(graph)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation; see imgcls.quantize
-        atomic_write_bytes(Path(model_dir) / INT8_FILE, lambda fh: torch.jit.save(graph, fh))
+        atomic_write_bytes(Path(model_dir) / INT8_FILE, lambda fh: torch.jit.save(graph, fh, _extra_files=extra))
+
+
+def int8_engine(path: Path) -> str:
+    """The engine an int8 file of save_int8 runs on: quantize.ENGINE where it records none (older
+    artifacts). Read before the model, because loading packs its weights for the engine set then."""
+    with zipfile.ZipFile(path) as archive:
+        entry = next((n for n in archive.namelist() if n.endswith(f"/extra/{INT8_ENGINE_ENTRY}")), None)
+        return archive.read(entry).decode() if entry else quantize.ENGINE
 
 
 def load_int8(model_dir: Path) -> torch.jit.ScriptModule | None:
@@ -148,10 +161,24 @@ def load_int8(model_dir: Path) -> torch.jit.ScriptModule | None:
     if not path.is_file():
         return None
     try:
+        engine = int8_engine(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _damaged_int8(path, exc) from None
+    if not quantize.available(engine):
+        raise ArtifactError(f"{path} runs on torch's {engine!r} quantized engine, which this torch lacks (it has "
+                            f"{', '.join(torch.backends.quantized.supported_engines)}): serve with "
+                            "IMGCLS_PRECISION=bf16 or fp32, or on an x86 CPU.")
+    try:
+        quantize.use_engine(engine)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation; see imgcls.quantize
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            graph = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # TorchScript raises RuntimeError and others for a damaged archive
-        raise ArtifactError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()[:200]}): the file is "
-                            "damaged; use the model.tar.gz the training job wrote, or delete this file to serve "
-                            "model.pt in fp32.") from None
+        raise _damaged_int8(path, exc) from None
+    return quantize.mark(graph, engine)
+
+
+def _damaged_int8(path: Path, exc: Exception) -> ArtifactError:
+    return ArtifactError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()[:200]}): the file is "
+                         "damaged; use the model.tar.gz the training job wrote, or delete this file to serve "
+                         "model.pt in fp32.")

@@ -140,6 +140,63 @@ def test_int8_missing_damaged_or_stale_is_said_plainly(tmp_path, model, graph):
     assert not (model_dir / artifact.INT8_FILE).exists()
 
 
+@pytest.mark.skipif(not quantize.available(quantize.FUSED_ENGINE), reason="this torch has no onednn engine")
+def test_the_fused_build_adds_inside_the_convolutions_and_keeps_the_x86_builds_numbers(tmp_path, model):
+    batches = [_images(16, 1), _images(16, 2)]
+    fused = quantize.quantize(model, batches, head="fc", engine=quantize.FUSED_ENGINE)
+    plain = quantize.quantize(model, batches, head="fc", engine=quantize.ENGINE)
+    fused_ops, plain_ops = str(fused.graph), str(plain.graph)
+    # resnet18's eight residual adds: in the convolution for onednn, separate ops for x86
+    assert fused_ops.count("quantized::conv2d_add_relu") == 8 and "quantized::add_relu" not in fused_ops
+    assert plain_ops.count("quantized::add_relu") == 8 and "conv2d_add" not in plain_ops
+    assert (quantize.engine_of(fused), quantize.engine_of(plain)) == ("onednn", "x86")
+    x = _images(32, 3)
+    torch.backends.quantized.engine = quantize.ENGINE  # Int8Model sets the engine its model needs
+    a, b = quantize.Int8Model(fused)(x), quantize.Int8Model(plain)(x)
+    assert torch.backends.quantized.engine == quantize.ENGINE
+    # Same 7-bit activations and weights: the same model up to where each rounds the sum.
+    assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.99
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    # The file records the engine, and loading sets it before the weights are packed.
+    for graph, engine in ((fused, "onednn"), (plain, "x86")):
+        artifact.save_int8(tmp_path, graph)
+        assert artifact.int8_engine(tmp_path / artifact.INT8_FILE) == engine
+        torch.backends.quantized.engine = "fbgemm"  # packs conv weights the onednn ops cannot take
+        loaded = artifact.load_int8(tmp_path)
+        assert quantize.engine_of(loaded) == engine and torch.backends.quantized.engine == engine
+        assert torch.equal(quantize.Int8Model(loaded)(x), quantize.Int8Model(graph)(x))
+
+
+def test_an_int8_file_without_its_engine_is_x86s_and_an_engine_torch_lacks_is_said_plainly(tmp_path, model, graph):
+    path = tmp_path / artifact.INT8_FILE
+    torch.jit.save(quantize.quantize(model, [_images(16, 1)], head="fc", engine=quantize.ENGINE), str(path))
+    assert artifact.int8_engine(path) == "x86"  # as written before the engine was recorded
+    assert quantize.engine_of(artifact.load_int8(tmp_path)) == "x86"
+    torch.jit.save(graph, str(path), _extra_files={artifact.INT8_ENGINE_ENTRY: "vendor-npu"})
+    with pytest.raises(ArtifactError, match="'vendor-npu' quantized engine, which this torch lacks.*"
+                                            "IMGCLS_PRECISION=bf16 or fp32"):
+        artifact.load_int8(tmp_path)
+
+
+@pytest.mark.parametrize("flags, engine", [("fpu sse avx2 avx512f avx512_vnni amx_int8", quantize.FUSED_ENGINE),
+                                           ("fpu sse avx2 avx512f", quantize.ENGINE)])
+def test_the_build_engine_follows_the_cpus_vnni(monkeypatch, flags, engine):
+    # Stands in for the CPU kind this machine may not be.
+    if not quantize.available(quantize.FUSED_ENGINE) or quantize.platform.machine() != "x86_64":
+        pytest.skip("an x86 torch with the onednn engine")
+
+    class CpuInfo:
+        def __init__(self, path):
+            assert str(path) == "/proc/cpuinfo"
+
+        def read_text(self):
+            return f"processor\t: 0\nflags\t\t: {flags}\n"
+
+    monkeypatch.setattr(quantize, "Path", CpuInfo)
+    monkeypatch.setattr(quantize.sys, "platform", "linux")
+    assert quantize.build_engine.__wrapped__() == engine
+
+
 def _served_batches(monkeypatch) -> dict:
     """The sizes of the batches the model runs on as the endpoint runs it, call by call, per
     precision (None: fp32)."""

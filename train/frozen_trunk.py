@@ -154,7 +154,7 @@ def attach(model: nn.Module, names: list[str], example: torch.Tensor, autocast_d
     where given, else a frozen trace made here on `example` in `autocast_dtype`."""
     rest = FORWARD[len(names):]
     if int8_graph is not None:
-        quantize.use_engine()
+        quantize.use_engine(quantize.engine_of(int8_graph))
 
         def trunk_forward(x: torch.Tensor) -> torch.Tensor:
             # quantized kernels take fp32 NCHW on the CPU and return fp32; autocast has no say in them
