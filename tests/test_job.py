@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgcls import artifact
+from imgcls import artifact, quantize
 from imgcls.hardware import fast_bf16
 from imgcls.presets import ClassificationPresetEval
 from tests.test_data import bad_files
@@ -332,6 +332,10 @@ def test_a_frozen_backbone_job_makes_its_int8_model_from_the_int8_trunk_it_train
     assert "frozen-trunk: int8 calibrated on the training images in" in result.stdout
     assert "int8: the int8 trunk the head trained on, with the trained head in fp32" in result.stdout
     assert re.search(r"int8: compared in \d+\.\d s", result.stdout) and "calibrated and compared" not in result.stdout
+    # The trunk was built for this CPU's engine, and the artifact's file says which, as the log does.
+    engine = quantize.build_engine()
+    assert f"for torch's {engine} quantized engine" in result.stdout
+    assert artifact.int8_engine(tiny_data.model_dir / artifact.INT8_FILE) == engine
     _, card = artifact.load(tiny_data.model_dir)
     assert 0 <= card.metrics["int8_top1_agreement"] <= 1
     served = Predictor.from_model_dir(tiny_data.model_dir, precision="int8")
