@@ -27,14 +27,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import platform
 import sys
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from .hardware import fast_int8_dot
 
 ENGINE = "x86"   # fbgemm's successor in torch; onednn kernels where they are faster
 FUSED_ENGINE = "onednn"   # the only engine with a convolution that adds the residual branch
@@ -49,14 +49,8 @@ def available(engine: str = ENGINE) -> bool:
 def build_engine() -> str:
     """The engine this machine builds int8 models for: FUSED_ENGINE where `x86` would run oneDNN's
     convolutions anyway (torch's rule: Linux and AVX512-VNNI), else ENGINE."""
-    if available(FUSED_ENGINE) and sys.platform == "linux" and platform.machine() == "x86_64":
-        try:
-            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), "").split()
-        except OSError:
-            flags = []
-        if "avx512_vnni" in flags:
-            return FUSED_ENGINE
+    if available(FUSED_ENGINE) and sys.platform == "linux" and fast_int8_dot(torch.device("cpu")):
+        return FUSED_ENGINE
     return ENGINE
 
 
