@@ -4,6 +4,8 @@
                  hyperparameters, library versions); docs/artifact.md describes every field
     model.pt     the state dict, fp32, loadable with torch.load(weights_only=True)
     model_int8.pt  optional: the same model quantized to int8 (imgcls.quantize), TorchScript
+    model_int8_vnni.pt  optional, beside model_int8.pt: the same with 8-bit activations, for CPUs
+                 with VNNI (imgcls.quantize.quantize_variants)
 
 Nothing else is needed to rebuild the model and its preprocessing; model_int8.pt is a faster
 form of model.pt for CPU servers.
@@ -33,7 +35,8 @@ FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 INT8_FILE = "model_int8.pt"
-INT8_ENGINE_ENTRY = "quantized_engine"   # an extra file inside INT8_FILE's TorchScript archive
+INT8_VNNI_FILE = "model_int8_vnni.pt"
+INT8_ENGINE_ENTRY = "quantized_engine"   # an extra file inside an int8 file's TorchScript archive
 
 
 @dataclass
@@ -82,7 +85,8 @@ def save(model_dir: Path, model: nn.Module, card: ModelCard) -> None:
              for k, v in model.state_dict().items()}
     atomic_write_bytes(model_dir / WEIGHTS_FILE, lambda fh: torch.save(state, fh))
     # The int8 model is derived from these weights: one left by an earlier save would not match.
-    (model_dir / INT8_FILE).unlink(missing_ok=True)
+    for name in (INT8_FILE, INT8_VNNI_FILE):
+        (model_dir / name).unlink(missing_ok=True)
     meta = dict(card.__dict__)
     meta["num_classes"] = card.num_classes
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
@@ -138,13 +142,19 @@ def load(model_dir: Path, map_location: str | torch.device = "cpu") -> tuple[nn.
     return model.eval(), card
 
 
+def int8_file(vnni: bool) -> str:
+    """The file of an int8 model that needs VNNI (imgcls.quantize.needs_vnni) or not."""
+    return INT8_VNNI_FILE if vnni else INT8_FILE
+
+
 def save_int8(model_dir: Path, graph: torch.jit.ScriptModule) -> None:
-    """The int8 model, with the quantized engine it runs on (imgcls.quantize.engine_of) beside it
-    in the archive."""
+    """The int8 model, in int8_file(needs_vnni), with the quantized engine it runs on
+    (imgcls.quantize.engine_of) beside it in the archive."""
     extra = {INT8_ENGINE_ENTRY: quantize.engine_of(graph)}
+    path = Path(model_dir) / int8_file(quantize.needs_vnni(graph))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation; see imgcls.quantize
-        atomic_write_bytes(Path(model_dir) / INT8_FILE, lambda fh: torch.jit.save(graph, fh, _extra_files=extra))
+        atomic_write_bytes(path, lambda fh: torch.jit.save(graph, fh, _extra_files=extra))
 
 
 def int8_engine(path: Path) -> str:
@@ -155,9 +165,10 @@ def int8_engine(path: Path) -> str:
         return archive.read(entry).decode() if entry else quantize.ENGINE
 
 
-def load_int8(model_dir: Path) -> torch.jit.ScriptModule | None:
-    """The int8 model, or None when the artifact has none (trained without it, or before it existed)."""
-    path = Path(model_dir) / INT8_FILE
+def load_int8(model_dir: Path, vnni: bool = False) -> torch.jit.ScriptModule | None:
+    """The int8 model (with vnni, the one with 8-bit activations), or None when the artifact has
+    none (trained without it, on a CPU without VNNI, or before it existed)."""
+    path = Path(model_dir) / int8_file(vnni)
     if not path.is_file():
         return None
     try:
@@ -175,7 +186,7 @@ def load_int8(model_dir: Path) -> torch.jit.ScriptModule | None:
             graph = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # TorchScript raises RuntimeError and others for a damaged archive
         raise _damaged_int8(path, exc) from None
-    return quantize.mark(graph, engine)
+    return quantize.mark(graph, engine, vnni)
 
 
 def _damaged_int8(path: Path, exc: Exception) -> ArtifactError:

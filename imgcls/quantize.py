@@ -20,6 +20,13 @@ its ReLU inside the convolution before them (`quantized::conv2d_add_relu`): on 2
 (docs/benchmarks.md). The activations keep `x86`'s 7-bit range, so the model's numbers match the
 `x86` build's and a CPU without VNNI cannot saturate on them. Such a model needs that engine set
 when it is loaded and run: the artifact's int8 file records it (imgcls.artifact).
+
+Where it builds for `onednn`, quantize_variants() also makes a second model with 8-bit activations
+(`onednn`'s own qconfig) from the same calibration pass: its output is closer to fp32's (make demo's
+resnet18: logits' relative error 0.0082-0.0083 against 0.0108-0.0109, top-1 agreement on its 120
+test images 98.3-99.2% against 96.7-97.5%), but only where the serving CPU has VNNI: held to
+AVX512_CORE or AVX2, oneDNN's kernels gave it 0.0148 (docs/benchmarks.md). The server picks
+(serve.predictor).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .hardware import fast_int8_dot
 ENGINE = "x86"   # fbgemm's successor in torch; onednn kernels where they are faster
 FUSED_ENGINE = "onednn"   # the only engine with a convolution that adds the residual branch
 _ENGINE_ATTR = "quantized_engine"
+_VNNI_ATTR = "needs_vnni"
 
 
 def available(engine: str = ENGINE) -> bool:
@@ -60,9 +68,23 @@ def engine_of(module: nn.Module) -> str:
     return getattr(module, _ENGINE_ATTR, ENGINE)
 
 
-def mark(module: nn.Module, engine: str) -> nn.Module:
-    """`module`, recording the engine it runs on (engine_of): the process-wide engine may change."""
+def needs_vnni(module: nn.Module) -> bool:
+    """Whether an int8 module has 8-bit activations (quantize_variants): as accurate as measured
+    only on a CPU with VNNI (vnni_ready)."""
+    return getattr(module, _VNNI_ATTR, False)
+
+
+def vnni_ready() -> bool:
+    """Whether this machine runs a needs_vnni model as accurately as the machine that built it."""
+    return build_engine() == FUSED_ENGINE
+
+
+def mark(module: nn.Module, engine: str, vnni: bool | None = None) -> nn.Module:
+    """`module`, recording the engine it runs on (engine_of) and, where given, whether it
+    needs VNNI (needs_vnni): the process-wide engine may change."""
     setattr(module, _ENGINE_ATTR, engine)
+    if vnni is not None:
+        setattr(module, _VNNI_ATTR, vnni)
     return module
 
 
@@ -78,35 +100,49 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None
     ranges; `head` (the final Linear layer) stays fp32: on a weakly trained ResNet-18 that
     raised agreement with fp32 from 91.9% to 95.5% at the cost of one small matmul. None for a
     model without one (a frozen trunk, train.frozen_trunk). engine: build_engine() by default."""
-    return freeze(*calibrate(model, batches, head, engine))
+    modules, example = calibrate(model, batches, head, engine)
+    return freeze(modules[0], example)
+
+
+def quantize_variants(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None) -> list[torch.jit.ScriptModule]:
+    """quantize()'s model, and where this machine builds for FUSED_ENGINE a second one with 8-bit
+    activations (needs_vnni), from one calibration pass."""
+    modules, example = calibrate(model, batches, head, vnni=vnni_ready())
+    return [freeze(m, example) for m in modules]
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], head: str | None,
-              engine: str | None = None) -> tuple[nn.Module, torch.Tensor]:
-    """quantize()'s int8 module before it is traced (an eager FX module), and an input for the trace."""
+              engine: str | None = None, vnni: bool = False) -> tuple[list[nn.Module], torch.Tensor]:
+    """quantize()'s int8 module before it is traced (an eager FX module), with vnni a second one
+    with 8-bit activations (FUSED_ENGINE only), and an input for the trace."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.backend_config import get_onednn_backend_config
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     engine = engine or build_engine()
+    vnni = vnni and engine == FUSED_ENGINE
     use_engine(engine)
-    # FUSED_ENGINE's patterns fuse conv + add (+ ReLU); the qconfig stays ENGINE's 7-bit activations.
+    # FUSED_ENGINE's patterns fuse conv + add (+ ReLU); the first model keeps ENGINE's 7-bit activations.
     fusing = {"backend_config": get_onednn_backend_config()} if engine == FUSED_ENGINE else {}
     fp32 = copy.deepcopy(model).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
-    qconfig = get_default_qconfig_mapping(ENGINE)
+    qconfigs = [get_default_qconfig_mapping(ENGINE)] + ([get_default_qconfig_mapping(FUSED_ENGINE)] if vnni else [])
     if head is not None:
-        qconfig = qconfig.set_module_name(head, None)
+        qconfigs = [q.set_module_name(head, None) for q in qconfigs]
     with _quiet(), torch.no_grad():
         prepared = example = None
         for x in batches:
             x = x.to("cpu", torch.float32).contiguous()
             if prepared is None:
                 example = x[:1]
-                prepared = prepare_fx(fp32, qconfig, (example,), **fusing)
-            prepared(x)
+                prepared = [prepare_fx(copy.deepcopy(fp32), q, (example,), **fusing) for q in qconfigs]
+            prepared[-1](x)
         if prepared is None:
             raise ValueError("int8 calibration needs at least one batch of images")
-        return mark(convert_fx(prepared, **fusing), engine), example
+        # An activation observer's histogram does not depend on the range it is reduced to, so the
+        # 8-bit model's observers give the 7-bit one the same scales as its own pass (checked equal).
+        for p in prepared[:-1]:
+            p.load_state_dict(prepared[-1].state_dict())
+        return [mark(convert_fx(p, **fusing), engine, vnni=i == 1) for i, p in enumerate(prepared)], example
 
 
 def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -115,7 +151,7 @@ def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     engine = engine_of(module)
     use_engine(engine)
     with _quiet(), torch.no_grad():
-        return mark(torch.jit.freeze(torch.jit.trace(module.eval(), example)), engine)
+        return mark(torch.jit.freeze(torch.jit.trace(module.eval(), example)), engine, needs_vnni(module))
 
 
 def with_head(trunk: nn.Module, head: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:

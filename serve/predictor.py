@@ -42,25 +42,48 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     return ("int8", "bf16") if device.type == "cpu" else ("bf16",)
 
 
+def int8_choice(card: artifact.ModelCard, has_int8: bool, has_int8_vnni: bool = False,
+                gated: bool = True) -> tuple[bool | None, list[str]]:
+    """(vnni, why not the others): the int8 file to serve on this CPU, the one with 8-bit
+    activations (artifact.INT8_VNNI_FILE) where the CPU has VNNI (quantize.vnni_ready), else
+    artifact.INT8_FILE, each only where the trainer measured its agreement with fp32 at >= 99%
+    (gated); vnni None where neither."""
+    if not quantize.available():
+        return None, [f"this torch has no {quantize.ENGINE} quantization engine"]
+    reasons = []
+    for vnni, present in ((True, has_int8_vnni and quantize.vnni_ready()), (False, has_int8)):
+        if not present:
+            continue
+        why_not = _agreement_gate(card, "int8_vnni" if vnni else "int8") if gated else None
+        if why_not is None:
+            return vnni, reasons
+        reasons.append(why_not)
+    return None, reasons or [f"the artifact has no {artifact.INT8_FILE}"]
+
+
 def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.device,
-                      has_int8: bool = False) -> tuple[str, str]:
+                      has_int8: bool = False, has_int8_vnni: bool = False) -> tuple[str, str]:
     """(precision, why). auto: the fastest of bf16 (where the hardware is fast at it) and int8 (on
-    a CPU, where the artifact holds an int8 model) whose top-1 class the trainer measured to be
-    fp32's on at least 99% of its test images; else fp32."""
+    a CPU, where the artifact holds an int8 model: int8_choice) whose top-1 class the trainer
+    measured to be fp32's on at least 99% of its test images; else fp32."""
     if requested != "auto":
         return requested, f"IMGCLS_PRECISION={requested}"
     reasons = []
     for name in auto_order(device):
+        metric = name
         if name == "bf16":
-            why_not = None if fast_bf16(device) else f"no fast bf16 on {device}"
+            why_not = (None if fast_bf16(device) else f"no fast bf16 on {device}") or _agreement_gate(card, name)
             fast = f"fast bf16 on {device}"
         else:
-            why_not = (f"the artifact has no {artifact.INT8_FILE}" if not has_int8 else
-                       None if quantize.available() else f"this torch has no {quantize.ENGINE} quantization engine")
-            fast = f"int8 on {device}"
-        why_not = why_not or _agreement_gate(card, name)
+            vnni, not_chosen = int8_choice(card, has_int8, has_int8_vnni)
+            if vnni is None:
+                why_not = "; ".join(not_chosen)
+            else:  # the 8-bit file's agreement failed, the portable one's passed: say so
+                why_not, reasons = None, reasons + not_chosen
+            metric = "int8_vnni" if vnni else "int8"
+            fast = f"int8 on {device}" + (f", which has VNNI: {artifact.INT8_VNNI_FILE}, 8-bit activations" if vnni else "")
         if why_not is None:
-            agreement = card.metrics[f"{name}_top1_agreement"]
+            agreement = card.metrics[f"{metric}_top1_agreement"]
             return name, "; ".join(reasons + [f"{fast}, {agreement:.1%} top-1 agreement with fp32 on the test images"])
         reasons.append(why_not)
     return "fp32", "; ".join(reasons)
@@ -70,17 +93,20 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, card: artifact.ModelCard, device: torch.device | str = "cpu",
                  precision: str = "auto", chunk_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
                  compile: str = "auto", int8_model: torch.jit.ScriptModule | None = None,
-                 has_int8: bool | None = None):
-        """has_int8: whether the artifact holds an int8 model, when the caller loads it only if it is
-        chosen (from_model_dir); by default, whether int8_model was given."""
+                 has_int8: bool | None = None, has_int8_vnni: bool = False):
+        """has_int8, has_int8_vnni: whether the artifact holds each int8 file, when the caller loads
+        one only if it is chosen (from_model_dir); by default, whether int8_model was given, and
+        which it is (quantize.needs_vnni)."""
         self.device = torch.device(device)
         self.card = card
         self.class_names = card.class_names
         self.preset = card.eval_preset()
         self.chunk_size = chunk_size
         self.max_pixels = max_pixels
-        has_int8 = int8_model is not None if has_int8 is None else has_int8
-        self.precision, self.precision_reason = resolve_precision(precision, card, self.device, has_int8)
+        if has_int8 is None:
+            given_vnni = int8_model is not None and quantize.needs_vnni(int8_model)
+            has_int8, has_int8_vnni = int8_model is not None and not given_vnni, given_vnni
+        self.precision, self.precision_reason = resolve_precision(precision, card, self.device, has_int8, has_int8_vnni)
         self.autocast_dtype = _DTYPES[self.precision]
         # int8 kernels take NCHW and convert themselves; the float paths are fastest channels-last.
         self.channels_last = self.precision != "int8"
@@ -103,12 +129,14 @@ class Predictor:
     def from_model_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> Predictor:
         model_dir = Path(model_dir)
         model, card = artifact.load(model_dir, map_location="cpu")
-        has_int8 = (model_dir / artifact.INT8_FILE).is_file()
+        has = [(model_dir / artifact.int8_file(vnni)).is_file() for vnni in (False, True)]
         # Read the int8 model (12-25 MB of TorchScript) only where it will run: not where auto picks
-        # bf16 (a GPU, or where int8 fails its gate) or fp32.
-        if resolve_precision(kwargs.get("precision", "auto"), card, torch.device(device), has_int8)[0] == "int8":
-            kwargs["int8_model"] = artifact.load_int8(model_dir)
-        return cls(model, card, device, has_int8=has_int8, **kwargs)
+        # bf16 (a GPU, or where int8 fails its gate) or fp32. IMGCLS_PRECISION=int8: the file for this CPU.
+        requested = kwargs.get("precision", "auto")
+        if resolve_precision(requested, card, torch.device(device), *has)[0] == "int8":
+            vnni = int8_choice(card, *has, gated=requested == "auto")[0]
+            kwargs["int8_model"] = artifact.load_int8(model_dir, vnni=bool(vnni))
+        return cls(model, card, device, has_int8=has[0], has_int8_vnni=has[1], **kwargs)
 
     def decode(self, source) -> Image.Image | torch.Tensor:
         """An RGB image, or the uint8 tensor of an encoded one (imgcls.images.decode)."""

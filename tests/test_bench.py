@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import machine
+from imgcls import quantize
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -409,6 +410,9 @@ def test_serving_benchmark_quick_run(tmp_path):
     assert "in-proc ms" in result.stdout
     # The artifact it serves carries an int8 model and its measured agreement, as a trained one does.
     assert 0 <= row["int8_top1_agreement"] <= 1 and row["naive_img_s_c4"] > 0
+    # and where this CPU has VNNI the one with 8-bit activations as well (imgcls.quantize)
+    assert (row["int8_vnni_top1_agreement"] is not None) == quantize.vnni_ready()
+    assert ("with 8-bit activations);" in result.stdout) == quantize.vnni_ready()
     assert row["precision"] == "int8"  # --precision: the server and the in-process runs
     # The front end's CPU per request is measured on each server's own JVM.
     assert min(row["jvm_cpu_ms"], row["naive_jvm_cpu_ms"], row["one_worker_jvm_cpu_ms"]) > 0

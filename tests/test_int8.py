@@ -210,6 +210,12 @@ def _fp32_batches(monkeypatch) -> list[int]:
     return _served_batches(monkeypatch)[None]
 
 
+def _agreements(built) -> tuple[list[float], int]:
+    """int8.build's agreements, one per model it made, and the images compared."""
+    models, compared = built
+    return [agreement for _, agreement in models], compared
+
+
 def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model, monkeypatch):
     """train.job runs fp32 over the report images once, as the server runs it (the frozen trace on
     a CPU, not eager): top1_agreement keeps its top-1 classes and int8.build compares int8 against
@@ -227,14 +233,16 @@ def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model, monke
     with torch.no_grad():  # the trace's classes are eager fp32's on these images
         assert all(torch.equal(r, model(x).argmax(1)) for r, (x, _) in zip(references, loader, strict=True))
     fp32.clear()
-    _, agreement, compared = int8.build(model, calibration, loader, batcher, limit=20)
+    agreement, compared = _agreements(int8.build(model, calibration, loader, batcher, limit=20))
     assert fp32 == [8, 8, 4]  # the last batch cut to the limit
     fp32.clear()
-    _, reused, reused_compared = int8.build(model, calibration, loader, batcher, limit=20, references=references)
+    reused, reused_compared = _agreements(int8.build(model, calibration, loader, batcher, limit=20,
+                                                     references=references))
     assert (reused, reused_compared) == (agreement, compared) and compared == 20
     assert fp32 == []
     flipped = [(r + 1) % len(CLASSES) for r in references]  # other classes: the comparison reads them
-    assert int8.build(model, calibration, loader, batcher, limit=20, references=flipped)[1] < agreement
+    against_flipped = _agreements(int8.build(model, calibration, loader, batcher, limit=20, references=flipped))[0]
+    assert all(a < b for a, b in zip(against_flipped, agreement, strict=True))
 
 
 def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s_classes_end(model, monkeypatch):
@@ -259,9 +267,9 @@ def test_the_agreement_checks_stop_at_their_limit_and_int8_runs_fp32_where_bf16s
     top1_agreement(model, loader, batcher, torch.bfloat16, references=full)
     assert torch.equal(references[1], full[1][:4])
     fp32 = _fp32_batches(monkeypatch)
-    reused = int8.build(model, loader[:1], loader, batcher, limit=20, references=references)[1:]
+    reused = _agreements(int8.build(model, loader[:1], loader, batcher, limit=20, references=references))
     assert fp32 == [8, 4]  # the second batch (4 of its 8 covered) and the third, cut to the limit
-    assert reused == int8.build(model, loader[:1], loader, batcher, limit=20)[1:]
+    assert reused == _agreements(int8.build(model, loader[:1], loader, batcher, limit=20))
 
 
 def test_a_jobs_report_pass_runs_as_served_and_gives_the_bf16_check_its_classes(model, monkeypatch):
@@ -304,3 +312,73 @@ def test_a_jobs_report_pass_runs_as_served_and_gives_the_bf16_check_its_classes(
     assert [len(r) for r in references] == [8, 8, 4]  # int8's comparison still gets fp32's classes
     assert top1_agreement(model, loader, batcher, torch.bfloat16, limit=20,
                           computed=(None, [(t + 1) % len(CLASSES) for t in fp32_top1])) < alone
+
+
+def test_the_8bit_model_shares_the_calibration_and_is_closer_to_fp32(tmp_path, model):
+    """calibrate(vnni=True): the 7-bit model as calibrate alone makes it, from the 8-bit model's
+    pass, and the 8-bit one nearer fp32; each saved to its own file and loaded back as such."""
+    if not quantize.available(quantize.FUSED_ENGINE):
+        pytest.skip("an x86 torch with the onednn engine")
+    batches = [_images(16, 1), _images(16, 2)]
+    (alone,), example = quantize.calibrate(model, batches, "fc", engine=quantize.FUSED_ENGINE)
+    (seven, eight), _ = quantize.calibrate(model, batches, "fc", engine=quantize.FUSED_ENGINE, vnni=True)
+    graphs = [quantize.freeze(m, example) for m in (alone, seven, eight)]
+    assert [quantize.needs_vnni(g) for g in graphs] == [False, False, True]
+    x = _images(32, 3)
+    with torch.no_grad():
+        reference = model(x)
+    out = [quantize.Int8Model(g)(x) for g in graphs]
+    assert torch.equal(out[0], out[1])  # the same scales from one pass as from its own
+    error = [float(((o - reference).norm(dim=1) / reference.norm(dim=1)).mean()) for o in out[1:]]
+    assert error[1] < 0.9 * error[0], error
+    for graph in graphs[1:]:
+        artifact.save_int8(tmp_path, graph)
+    assert {p.name for p in tmp_path.iterdir()} == {artifact.INT8_FILE, artifact.INT8_VNNI_FILE}
+    for vnni, expected in ((False, out[1]), (True, out[2])):
+        loaded = artifact.load_int8(tmp_path, vnni=vnni)
+        assert quantize.needs_vnni(loaded) == vnni and quantize.engine_of(loaded) == quantize.FUSED_ENGINE
+        assert torch.equal(quantize.Int8Model(loaded)(x), expected)
+    # An engine without the fused build (x86) makes no 8-bit model: its kernels may lack VNNI.
+    assert len(quantize.calibrate(model, batches[:1], "fc", engine=quantize.ENGINE, vnni=True)[0]) == 1
+    assert len(quantize.quantize_variants(model, batches[:1], "fc")) == (2 if quantize.vnni_ready() else 1)
+
+
+@pytest.mark.parametrize("vnni_here", [True, False])
+def test_auto_serves_the_8bit_file_only_where_the_cpu_has_vnni_and_it_passed(monkeypatch, vnni_here):
+    from serve.predictor import int8_choice
+
+    monkeypatch.setattr(quantize, "vnni_ready", lambda: vnni_here)
+    cpu = torch.device("cpu")
+    card = lambda **m: artifact.ModelCard(arch="resnet18", class_names=CLASSES, preprocess={}, metrics=m)  # noqa: E731
+    both = card(int8_top1_agreement=0.97, int8_vnni_top1_agreement=0.995, bf16_top1_agreement=0.5)
+    precision, why = resolve_precision("auto", both, cpu, has_int8=True, has_int8_vnni=True)
+    if vnni_here:
+        assert precision == "int8" and artifact.INT8_VNNI_FILE in why and "99.5% top-1 agreement" in why, why
+    else:  # the portable file's own agreement decides
+        assert precision == "fp32" and "int8 agreed with fp32 on only 97.0%" in why, why
+    portable_passes = card(int8_top1_agreement=0.995, int8_vnni_top1_agreement=0.98, bf16_top1_agreement=0.5)
+    precision, why = resolve_precision("auto", portable_passes, cpu, has_int8=True, has_int8_vnni=True)
+    assert precision == "int8" and artifact.INT8_VNNI_FILE not in why and "99.5% top-1 agreement" in why, why
+    assert ("int8_vnni agreed with fp32 on only 98.0%" in why) == vnni_here, why
+    # IMGCLS_PRECISION=int8: the file for this CPU, whatever the agreements
+    assert int8_choice(both, True, True, gated=False) == (vnni_here, [])
+    assert int8_choice(both, True, False, gated=False) == (False, [])
+    assert int8_choice(card(), False, False) == (None, [f"the artifact has no {artifact.INT8_FILE}"])
+
+
+@pytest.mark.parametrize("vnni_here", [True, False])
+def test_the_server_loads_the_int8_file_for_its_cpu(tmp_path, model, monkeypatch, vnni_here):
+    if not quantize.available(quantize.FUSED_ENGINE):
+        pytest.skip("an x86 torch with the onednn engine")
+    modules, example = quantize.calibrate(model, [_images(16, 1)], "fc", engine=quantize.FUSED_ENGINE, vnni=True)
+    model_dir = _artifact(tmp_path, model, None, int8_top1_agreement=1.0, int8_vnni_top1_agreement=1.0,
+                          bf16_top1_agreement=0.5)
+    for m in modules:
+        artifact.save_int8(model_dir, quantize.freeze(m, example))
+    monkeypatch.setattr(quantize, "vnni_ready", lambda: vnni_here)
+    for precision in ("auto", "int8"):
+        served = Predictor.from_model_dir(model_dir, precision=precision)
+        assert served.precision == "int8" and quantize.needs_vnni(served.runner.graph) == vnni_here, precision
+    assert (artifact.INT8_VNNI_FILE in Predictor.from_model_dir(model_dir).precision_reason) == vnni_here
+    artifact.save(model_dir, model, artifact.read_card(model_dir))  # new weights: both int8 files go
+    assert not any(p.name.startswith("model_int8") for p in model_dir.iterdir())

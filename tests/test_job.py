@@ -338,6 +338,9 @@ def test_a_frozen_backbone_job_makes_its_int8_model_from_the_int8_trunk_it_train
     assert artifact.int8_engine(tiny_data.model_dir / artifact.INT8_FILE) == engine
     _, card = artifact.load(tiny_data.model_dir)
     assert 0 <= card.metrics["int8_top1_agreement"] <= 1
+    # The trunk's own model only: one with 8-bit activations would need the whole model calibrated.
+    assert "int8_vnni_top1_agreement" not in card.metrics
+    assert not (tiny_data.model_dir / artifact.INT8_VNNI_FILE).exists()
     served = Predictor.from_model_dir(tiny_data.model_dir, precision="int8")
     pictures = sorted((tiny_data.data / "test").glob("*/*.jpg"))
     probabilities = served.predict([p.read_bytes() for p in pictures])
@@ -367,7 +370,7 @@ def test_a_sagemaker_local_path_moves_under_a_local_runs_folder(tmp_path, monkey
 
 def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
     """With augment=none the cached and uncached runs see the same pixels: the same history, to the bit."""
-    histories, cards, int8_files = {}, {}, {}
+    histories, cards, int8_files, outputs = {}, {}, {}, {}
     for choice in ("true", "false"):
         # int8 rides along: on in the first run, off in the second, which must remove the first's file.
         tiny_data.hyperparameters(augment="none", cache_images=choice, int8=choice)
@@ -377,14 +380,19 @@ def test_decode_once_changes_nothing_but_the_decoding(tiny_data):
         assert ("random crop: image by image (augment=none: no random crop)" in result.stdout) == (choice == "true")
         histories[choice] = json.loads((tiny_data.output_data / "metrics.json").read_text())["history"]
         _, cards[choice] = artifact.load(tiny_data.model_dir)  # what serving's precision=auto reads
-        int8_files[choice] = (tiny_data.model_dir / artifact.INT8_FILE).is_file()
+        int8_files[choice] = tuple((tiny_data.model_dir / artifact.int8_file(vnni)).is_file() for vnni in (False, True))
         assert ("int8 gives the same top-1 class as fp32 on" in result.stdout) == (choice == "true")
+        outputs[choice] = result.stdout
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("images_per_sec", "data_wait")} for e in h]  # noqa: E731
     assert strip(histories["true"]) == strip(histories["false"])
     assert 0 <= cards["false"].metrics["bf16_top1_agreement"] <= 1
     assert "bf16 gives the same top-1 class as fp32 on" in result.stdout
-    assert int8_files == {"true": True, "false": False}
+    # Where this CPU has VNNI, a second int8 model with 8-bit activations beside the first (imgcls.quantize).
+    assert int8_files == {"true": (True, quantize.vnni_ready()), "false": (False, False)}
     assert 0 <= cards["true"].metrics["int8_top1_agreement"] <= 1 and "int8_top1_agreement" not in cards["false"].metrics
+    assert ("int8_vnni_top1_agreement" in cards["true"].metrics) == quantize.vnni_ready()
+    assert "int8_vnni_top1_agreement" not in cards["false"].metrics
+    assert ("int8 with 8-bit activations (CPUs with VNNI) gives the same top-1 class" in outputs["true"]) == quantize.vnni_ready()
 
 
 def test_compile_trains_the_same_model_and_steps_aside_for_the_debugger(tiny_data):

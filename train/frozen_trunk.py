@@ -129,7 +129,7 @@ def quantized(model: nn.Module, names: list[str], batches: Iterable[torch.Tensor
             yield x
 
     with _evaluated(_sequential(model, names)) as module:
-        int8, example = quantize.calibrate(module, keep_first(), None)
+        (int8,), example = quantize.calibrate(module, keep_first(), None)
         with torch.no_grad():
             x = first[0].to(next(module.parameters()).device)
             reference = module(x).cpu()

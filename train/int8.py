@@ -9,7 +9,10 @@ int8; fp32's classes come from the bf16 check's pass over the same images (build
 which saved 25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not
 calibrated again: its int8 model is that trunk with the trained head
 (train.frozen_trunk.int8_model), and only the comparison runs here (1.3 s against 37.6-41.9 s for
-resnet50 at 224 px, 0.4 against 9.5-10.6 s for resnet18, 2026-12-06). int8=false skips it."""
+resnet50 at 224 px, 0.4 against 9.5-10.6 s for resnet18, 2026-12-06). Where the CPU has VNNI a
+second model with 8-bit activations comes from the same calibration pass (imgcls.quantize) and is
+compared in the same loop: 0.2-1.2 s more to convert and trace, and 0.13-0.17 s more per 32
+compared images, for resnet50 at 224 px on 2 AMX cores (2026-12-07). int8=false skips it."""
 
 from __future__ import annotations
 
@@ -36,12 +39,19 @@ def calibration_channel(train: data.Channel, limit: int = CALIBRATION_IMAGES) ->
     return data.Channel(train.name, train.root, train.classes, train.samples[::step][:limit])
 
 
+def metric(graph: torch.jit.ScriptModule) -> str:
+    """The metric (model.json) holding an int8 model's top-1 agreement with fp32: serve.predictor
+    reads the one of the file it would serve."""
+    return "int8_vnni_top1_agreement" if quantize.needs_vnni(graph) else "int8_top1_agreement"
+
+
 @torch.inference_mode()
 def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: int = AGREEMENT_IMAGES,
           references: list[torch.Tensor] | None = None,
-          graph: torch.jit.ScriptModule | None = None) -> tuple[torch.jit.ScriptModule, float, int]:
-    """(int8 module, its top-1 agreement with fp32, images compared), fp32 run as the endpoint
-    runs it (imgcls.inference), as in the bf16 check. references: fp32's top-1 classes of
+          graph: torch.jit.ScriptModule | None = None) -> tuple[list[tuple[torch.jit.ScriptModule, float]], int]:
+    """([(int8 module, its top-1 agreement with fp32)], images compared): quantize_variants' models
+    (where this CPU has VNNI, a second with 8-bit activations), fp32 run as the endpoint runs it
+    (imgcls.inference), as in the bf16 check. references: fp32's top-1 classes of
     eval_loader's batches, in its order (train.engine.top1_agreement keeps them): the comparison
     then runs int8 alone (eager fp32 took 5.5x int8's time channels-last, 7.6x NCHW; resnet50,
     224 px, 2 AMX cores). graph: an int8 module made already (a frozen backbone's int8 trunk with
@@ -49,20 +59,22 @@ def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: i
     model.eval()
     start = time.perf_counter()
     calibrated = graph is None
-    if calibrated:
-        graph = quantize.quantize(model, (batcher(images, labels)[0] for images, labels in calibration),
-                                  head_name(model))
-    served = quantize.Int8Model(graph)
+    graphs = [graph] if graph is not None else quantize.quantize_variants(
+        model, (batcher(images, labels)[0] for images, labels in calibration), head_name(model))
+    served = [quantize.Int8Model(g) for g in graphs]
     # references cover what the bf16 check compared: on several ranks, this rank's share
     fp32 = ServedTop1(model, None, references)
-    same = total = 0
+    same, total = [0] * len(graphs), 0
     for i, (images, labels) in enumerate(eval_loader):
         x, _ = batcher(images, labels)
         x = x[:limit - total]
-        same += int((served(x).argmax(1) == fp32(i, x)).sum())
+        top1 = fp32(i, x)
+        for k, run in enumerate(served):
+            same[k] += int((run(x).argmax(1) == top1).sum())
         total += x.shape[0]
         if total >= limit:
             break
-    log.info("int8: %s in %.1f s, for torch's %s quantized engine", "calibrated and compared" if calibrated else "compared",
-             time.perf_counter() - start, quantize.engine_of(graph))
-    return graph, same / max(total, 1), total
+    log.info("int8: %s in %.1f s%s, for torch's %s quantized engine", "calibrated and compared" if calibrated else "compared",
+             time.perf_counter() - start, " (two models: 7-bit and 8-bit activations)" if len(graphs) > 1 else "",
+             quantize.engine_of(graphs[0]))
+    return [(g, n / max(total, 1)) for g, n in zip(graphs, same, strict=True)], total

@@ -417,13 +417,13 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     log.info("bf16 gives the same top-1 class as fp32 on %.1f%% of the %s images (the first %d at most; the server "
              "answers in bf16 where the hardware is fast at it and this is at least 99%%)",
              100 * final["bf16_top1_agreement"], report_channel, AGREEMENT_IMAGES)
-    int8_model = None
+    int8_models = []
     if rank.is_main and cfg.int8:
-        int8_model = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
-                               cfg.seed, workers, report_channel, fp32_top1, trunk_int8)
+        int8_models = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
+                                cfg.seed, workers, report_channel, fp32_top1, trunk_int8)
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
-                      int8_model)
+                      int8_models)
     return final
 
 
@@ -441,40 +441,41 @@ def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batc
 
 def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
               channel, references=None, trunk: frozen_trunk.Int8Trunk | None = None):
-    """The int8 model and its agreement in `final`, or None where int8 cannot be built here: the
-    artifact is still complete without it, and the server answers in fp32. trunk: trace_trunk's
+    """The int8 models (int8.build) and their agreements in `final`, or none where int8 cannot be
+    built here: the artifact is still complete without them, and the server answers in fp32. trunk: trace_trunk's
     int8 trunk; where it is every module before the head, the int8 model is it with the trained
     head (frozen_trunk.int8_model) instead of calibrating the model again."""
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
-        return None
+        return []
     try:
         made = frozen_trunk.int8_model(model, trunk)
         if made is not None:
             log.info("int8: the int8 trunk the head trained on, with the trained head in fp32 (the trunk was "
                      "calibrated on the same training images before the first epoch; not calibrated again)")
         calibration = calibration_loader(splits.train, eval_preset, batch_size, seed, workers) if made is None else None
-        graph, agreement, compared = int8.build(model, calibration, report_loader, batcher, references=references,
-                                                graph=made)
+        built, compared = int8.build(model, calibration, report_loader, batcher, references=references, graph=made)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
-        return None
-    final["int8_top1_agreement"] = agreement
-    log.info("int8 gives the same top-1 class as fp32 on %.1f%% of %d %s images (a CPU server answers in int8 where "
-             "this is at least 99%%)", 100 * agreement, compared, channel)
-    return graph
+        return []
+    for graph, agreement in built:
+        final[int8.metric(graph)] = agreement
+        log.info("int8%s gives the same top-1 class as fp32 on %.1f%% of %d %s images (a CPU server answers in int8 "
+                 "where this is at least 99%%)", " with 8-bit activations (CPUs with VNNI)" if quantize.needs_vnni(graph)
+                 else "", 100 * agreement, compared, channel)
+    return [graph for graph, _ in built]
 
 
 def write_results(job, cfg, model, eval_preset, splits: Splits, history, final, result, channel, best_epoch,
-                  int8_model=None) -> None:
+                  int8_models=()) -> None:
     classes = splits.classes
     card = artifact.ModelCard(arch=cfg.arch, class_names=classes, preprocess=eval_preset.to_dict(),
                               metrics={**final, "best_epoch": best_epoch},
                               hyperparameters=cfg.as_hyperparameters(), versions=artifact.library_versions())
     artifact.save(job.model_dir, model, card)
-    if int8_model is not None:
-        artifact.save_int8(job.model_dir, int8_model)
+    for graph in int8_models:
+        artifact.save_int8(job.model_dir, graph)
     out = job.output_data_dir
     train_counts = splits.train.class_counts(classes)
     per_class = outputs.write_confusion(out, result.confusion, classes, channel, train_counts)
