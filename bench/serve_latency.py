@@ -78,7 +78,7 @@ def add_int8_and_agreement(model_dir: Path, jpegs: list[bytes], calibration: lis
     for graph in quantize.quantize_variants(fp32.model, [batch], head_name(fp32.model)):
         vnni = quantize.needs_vnni(graph)
         artifact.save_int8(model_dir, graph)
-        others["int8_vnni" if vnni else "int8"] = Predictor(fp32.model, fp32.card, precision="int8",
+        others[artifact.int8_name(vnni)] = Predictor(fp32.model, fp32.card, precision="int8",
                                                             int8_model=artifact.load_int8(model_dir, vnni=vnni))
     agreement = {name: float((reference == p.predict(jpegs).argmax(1)).mean()) for name, p in others.items()}
     card_path = model_dir / artifact.METADATA_FILE

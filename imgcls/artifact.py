@@ -147,6 +147,11 @@ def int8_file(vnni: bool) -> str:
     return INT8_VNNI_FILE if vnni else INT8_FILE
 
 
+def int8_name(vnni: bool) -> str:
+    """Its name in model.json's metrics: `<name>_top1_agreement` holds its agreement with fp32."""
+    return "int8_vnni" if vnni else "int8"
+
+
 def save_int8(model_dir: Path, graph: torch.jit.ScriptModule) -> None:
     """The int8 model, in int8_file(needs_vnni), with the quantized engine it runs on
     (imgcls.quantize.engine_of) beside it in the archive."""

@@ -54,7 +54,7 @@ def int8_choice(card: artifact.ModelCard, has_int8: bool, has_int8_vnni: bool = 
     for vnni, present in ((True, has_int8_vnni and quantize.vnni_ready()), (False, has_int8)):
         if not present:
             continue
-        why_not = _agreement_gate(card, "int8_vnni" if vnni else "int8") if gated else None
+        why_not = _agreement_gate(card, artifact.int8_name(vnni)) if gated else None
         if why_not is None:
             return vnni, reasons
         reasons.append(why_not)
@@ -80,7 +80,7 @@ def resolve_precision(requested: str, card: artifact.ModelCard, device: torch.de
                 why_not = "; ".join(not_chosen)
             else:  # the 8-bit file's agreement failed, the portable one's passed: say so
                 why_not, reasons = None, reasons + not_chosen
-            metric = "int8_vnni" if vnni else "int8"
+            metric = artifact.int8_name(bool(vnni))
             fast = f"int8 on {device}" + (f", which has VNNI: {artifact.INT8_VNNI_FILE}, 8-bit activations" if vnni else "")
         if why_not is None:
             agreement = card.metrics[f"{metric}_top1_agreement"]

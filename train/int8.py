@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from imgcls import quantize
+from imgcls import artifact, quantize
 from imgcls.models import head_name
 
 from . import data
@@ -42,7 +42,7 @@ def calibration_channel(train: data.Channel, limit: int = CALIBRATION_IMAGES) ->
 def metric(graph: torch.jit.ScriptModule) -> str:
     """The metric (model.json) holding an int8 model's top-1 agreement with fp32: serve.predictor
     reads the one of the file it would serve."""
-    return "int8_vnni_top1_agreement" if quantize.needs_vnni(graph) else "int8_top1_agreement"
+    return f"{artifact.int8_name(quantize.needs_vnni(graph))}_top1_agreement"
 
 
 @torch.inference_mode()
