@@ -162,7 +162,7 @@ def with_head(trunk: nn.Module, head: nn.Module, example: torch.Tensor) -> torch
     model in one activation scale: there the last layer's output shares its observer with the
     flattened features as well, so the pooled values count twice in that histogram."""
     whole = nn.Sequential(trunk, nn.Flatten(1), copy.deepcopy(head).to("cpu", torch.float32))
-    return freeze(mark(whole, engine_of(trunk)), example)
+    return freeze(mark(whole, engine_of(trunk), needs_vnni(trunk)), example)
 
 
 @contextlib.contextmanager

@@ -222,33 +222,50 @@ def test_a_trunk_that_cannot_be_quantized_trains_on_as_a_float_trace(caplog):
     assert "run as one frozen bf16 trace" in caplog.text
 
 
-def test_a_frozen_backbones_int8_model_is_the_int8_trunk_it_trained_on_with_its_head(tmp_path):
-    """int8_model: the artifact's int8 model from the int8 trunk (no second calibration), computing
-    the trained head on exactly the trunk's int8 features, read back as the server reads it; only
-    where the trunk is every module before fc."""
+def test_a_frozen_backbones_int8_models_are_the_int8_trunks_with_its_head(tmp_path, monkeypatch):
+    """int8_models: the artifact's int8 models from the int8 trunk (no second calibration), one per
+    variant calibrate made; the one the head trained on (8-bit activations where the CPU has VNNI)
+    computes the trained head on exactly the trunk's features; each read back as the server reads it;
+    only where the trunk is every module before fc."""
     from imgcls import artifact, quantize
 
-    model, _ = _frozen("backbone")
-    names = frozen_trunk.trunk(model)
     calibration = [torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    quantized, _ = frozen_trunk.quantized(model, names, iter(calibration))
-    frozen_trunk.attach(model, names, _x(), torch.bfloat16, quantized.graph)
-    with torch.no_grad():  # the head trains after the trunk was quantized
-        model.fc.weight.mul_(-2.0)
-    frozen_trunk.detach(model)
-    made = frozen_trunk.int8_model(model, quantized)
-    artifact.save_int8(tmp_path, made)
-    served = quantize.Int8Model(artifact.load_int8(tmp_path))
-    x = _x(5)
-    with torch.no_grad():
-        expected = model.fc(torch.flatten(quantized.graph(x.contiguous()), 1))
-        torch.testing.assert_close(served(x), expected)
-        # what calibrating the whole model again gives: one activation scale differs (the last block's
-        # output shares its observer with the pooled features, which the whole model's flatten adds
-        # to that histogram a second time), so close, not equal
-        again = quantize.quantize(model, iter(calibration), "fc")(x.contiguous())
-        assert (again - expected).abs().max() <= 0.05 * again.abs().max()
-    assert frozen_trunk.int8_model(model, None) is None  # a float trunk: int8 calibrates the model
+    for vnni in (False, True):
+        if vnni and not quantize.available(quantize.FUSED_ENGINE):
+            continue
+        # the rule the trunk follows, either way on this CPU (the 8-bit model is built for onednn)
+        monkeypatch.setattr(quantize, "vnni_ready", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(quantize, "build_engine", lambda vnni=vnni: quantize.FUSED_ENGINE if vnni else quantize.ENGINE)
+        model, _ = _frozen("backbone")
+        names = frozen_trunk.trunk(model)
+        quantized, _ = frozen_trunk.quantized(model, names, iter(calibration))
+        assert [quantize.needs_vnni(m) for m in quantized.modules] == ([False, True] if vnni else [False])
+        assert quantize.needs_vnni(quantized.graph) == vnni  # the head trains on the nearest features
+        frozen_trunk.attach(model, names, _x(), torch.bfloat16, quantized.graph)
+        with torch.no_grad():  # the head trains after the trunk was quantized
+            model.fc.weight.mul_(-2.0)
+        frozen_trunk.detach(model)
+        made = frozen_trunk.int8_models(model, quantized)
+        assert [quantize.needs_vnni(g) for g in made] == ([False, True] if vnni else [False])
+        x = _x(5)
+        outputs = []
+        for graph in made:
+            artifact.save_int8(tmp_path, graph)
+            served = quantize.Int8Model(artifact.load_int8(tmp_path, vnni=quantize.needs_vnni(graph)))
+            with torch.no_grad():
+                outputs.append(served(x))
+        with torch.no_grad():
+            expected = model.fc(torch.flatten(quantized.graph(x.contiguous()), 1))
+            torch.testing.assert_close(outputs[-1], expected)
+            if vnni:  # the 7-bit model: the same calibration, coarser activations
+                assert not torch.equal(outputs[0], outputs[-1])
+                assert (outputs[0] - expected).abs().max() <= 0.05 * expected.abs().max()
+            # what calibrating the whole model again gives: one activation scale differs (the last block's
+            # output shares its observer with the pooled features, which the whole model's flatten adds
+            # to that histogram a second time), so close, not equal
+            again = quantize.quantize(model, iter(calibration), "fc")(x.contiguous())
+            assert (again - outputs[0]).abs().max() <= 0.05 * again.abs().max()
+    assert frozen_trunk.int8_models(model, None) == []  # a float trunk: int8 calibrates the model
     partial, _ = _frozen("layer2")
     part = frozen_trunk.trunk(partial)
-    assert frozen_trunk.int8_model(partial, frozen_trunk.quantized(partial, part, iter(calibration))[0]) is None
+    assert frozen_trunk.int8_models(partial, frozen_trunk.quantized(partial, part, iter(calibration))[0]) == []

@@ -7,8 +7,8 @@ took 2.4 s for the tests' tiny model. resnet50 at 224 px on 2 AMX cores (2026-12
 weights): 55 s to calibrate on 256 images, convert and trace, then per 128 compared images 2.1 s in
 int8; fp32's classes come from the bf16 check's pass over the same images (build's references),
 which saved 25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not
-calibrated again: its int8 model is that trunk with the trained head
-(train.frozen_trunk.int8_model), and only the comparison runs here (1.3 s against 37.6-41.9 s for
+calibrated again: its int8 models are that trunk's variants with the trained head
+(train.frozen_trunk.int8_models), and only the comparison runs here (1.3 s against 37.6-41.9 s for
 resnet50 at 224 px, 0.4 against 9.5-10.6 s for resnet18, 2026-12-06). Where the CPU has VNNI a
 second model with 8-bit activations comes from the same calibration pass (imgcls.quantize) and is
 compared in the same loop: 0.2-1.2 s more to convert and trace, and 0.13-0.17 s more per 32
@@ -48,18 +48,18 @@ def metric(graph: torch.jit.ScriptModule) -> str:
 @torch.inference_mode()
 def build(model: nn.Module, calibration, eval_loader, batcher: Batcher, limit: int = AGREEMENT_IMAGES,
           references: list[torch.Tensor] | None = None,
-          graph: torch.jit.ScriptModule | None = None) -> tuple[list[tuple[torch.jit.ScriptModule, float]], int]:
+          graphs: list[torch.jit.ScriptModule] | None = None) -> tuple[list[tuple[torch.jit.ScriptModule, float]], int]:
     """([(int8 module, its top-1 agreement with fp32)], images compared): quantize_variants' models
     (where this CPU has VNNI, a second with 8-bit activations), fp32 run as the endpoint runs it
     (imgcls.inference), as in the bf16 check. references: fp32's top-1 classes of
     eval_loader's batches, in its order (train.engine.top1_agreement keeps them): the comparison
     then runs int8 alone (eager fp32 took 5.5x int8's time channels-last, 7.6x NCHW; resnet50,
-    224 px, 2 AMX cores). graph: an int8 module made already (a frozen backbone's int8 trunk with
-    its head, train.frozen_trunk.int8_model): only compared; `calibration` may be None."""
+    224 px, 2 AMX cores). graphs: int8 modules made already (a frozen backbone's int8 trunks with
+    its head, train.frozen_trunk.int8_models): only compared; `calibration` may be None."""
     model.eval()
     start = time.perf_counter()
-    calibrated = graph is None
-    graphs = [graph] if graph is not None else quantize.quantize_variants(
+    calibrated = not graphs
+    graphs = graphs or quantize.quantize_variants(
         model, (batcher(images, labels)[0] for images, labels in calibration), head_name(model))
     served = [quantize.Int8Model(g) for g in graphs]
     # references cover what the bf16 check compared: on several ranks, this rank's share

@@ -444,17 +444,17 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
     """The int8 models (int8.build) and their agreements in `final`, or none where int8 cannot be
     built here: the artifact is still complete without them, and the server answers in fp32. trunk: trace_trunk's
     int8 trunk; where it is every module before the head, the int8 model is it with the trained
-    head (frozen_trunk.int8_model) instead of calibrating the model again."""
+    head (frozen_trunk.int8_models) instead of calibrating the model again."""
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return []
     try:
-        made = frozen_trunk.int8_model(model, trunk)
-        if made is not None:
+        made = frozen_trunk.int8_models(model, trunk)
+        if made:
             log.info("int8: the int8 trunk the head trained on, with the trained head in fp32 (the trunk was "
                      "calibrated on the same training images before the first epoch; not calibrated again)")
-        calibration = calibration_loader(splits.train, eval_preset, batch_size, seed, workers) if made is None else None
-        built, compared = int8.build(model, calibration, report_loader, batcher, references=references, graph=made)
+        calibration = None if made else calibration_loader(splits.train, eval_preset, batch_size, seed, workers)
+        built, compared = int8.build(model, calibration, report_loader, batcher, references=references, graphs=made)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
                     "in fp32 or bf16", type(model).__name__, type(exc).__name__, str(exc).strip()[:300])
