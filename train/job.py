@@ -443,8 +443,8 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
               channel, references=None, trunk: frozen_trunk.Int8Trunk | None = None):
     """The int8 models (int8.build) and their agreements in `final`, or none where int8 cannot be
     built here: the artifact is still complete without them, and the server answers in fp32. trunk: trace_trunk's
-    int8 trunk; where it is every module before the head, the int8 model is it with the trained
-    head (frozen_trunk.int8_models) instead of calibrating the model again."""
+    int8 trunk; where it is every module before the head, the int8 models are its variants with the
+    trained head (frozen_trunk.int8_models) instead of calibrating the model again."""
     if not quantize.available():
         log.info("int8: this torch has no %s quantization engine; the artifact has no int8 model", quantize.ENGINE)
         return []
