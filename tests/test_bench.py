@@ -60,7 +60,9 @@ def test_training_benchmark_quick_run(tmp_path):
                 d["end_to_end_img_s"] for d in rows if d["config"] == "default" and d["freeze"] == r["freeze"]))
         # frozen-trunk as a job runs it: the default's frozen backbone traced, nothing else
         traced = r["config"] in ("default", "gpu-decode", "int8-trunk", "sample-crop") and r["freeze"] == "frozen"
-        if r["config"] not in ("default", "sample-crop"):  # int8 where a job's check passes, which random weights may not
+        # int8 where a job's check passes, which random weights may or may not (the trunk with 8-bit
+        # activations, on a CPU with VNNI, comes nearer fp32)
+        if r["config"] not in ("default", "sample-crop", "gpu-decode"):
             assert r["int8_trunk"] == (r["config"] == "int8-trunk"), r
         assert r["frozen_trunk"] == (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
                                       "avgpool"] if traced else []), r
