@@ -185,7 +185,7 @@ class Setup:
         loader_pins, batcher_pins = data.pinning(PIN_CONFIGS.get(config, data.GPU_PINNING), device.type == "cuda")
         self.batcher = Batcher(device, preset.normalize, self.channels_last, pin=batcher_pins)
         self.train_batcher = self.batcher
-        self.calibration = lambda: calibration_batches(train_ch, eval_preset, self.batcher, 2 * batch, seed, workers)
+        self.calibration = lambda: calibration_batches(train_ch, eval_preset, self.batcher, seed, workers)
         self.valid = data.make_loader(valid_ch, data.identity if caches else eval_preset, 2 * batch, shuffle=False,
                                       seed=seed, workers=workers, pin_memory=loader_pins,
                                       cache=caches.get("valid")) if valid_ch else None

@@ -160,8 +160,7 @@ def test_two_training_containers_train_one_model_over_gloo(images, env, tmp_path
     """Two hosts as SageMaker runs them: two containers on one network, algo-1 and algo-2 by name,
     each with its own /opt/ml and resourceconfig.json. They train together over gloo (batch 4 each)
     and algo-1 alone writes the model, which equals one process training with batch 8."""
-    # a float trunk, as in tests/test_distributed.py: an int8 one is calibrated per process batch size
-    common = {"freeze": "backbone", "augment": "none", "precision": "fp32", "epochs": "2", "frozen-trunk": "true"}
+    common = {"freeze": "backbone", "augment": "none", "precision": "fp32", "epochs": "2"}
     hosts = ["algo-1", "algo-2"]
     net = f"imgcls-ddp-{os.getpid()}"
     run(["podman", "network", "create", net], env, 60)

@@ -4,6 +4,7 @@ of 2 processes (torchrun, gloo) through the toolkit's `train` entry against 1 pr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,11 +96,15 @@ def _run(base: Path, **hps) -> tuple[Job, str]:
 def test_two_processes_train_the_same_model_as_one(tmp_path):
     """24 train images, global batch 8: 1 process x 8 against 2 processes x 4, gloo on CPU.
     Frozen backbone (BatchNorm statistics fixed) and fp32: the same sums in another order. The trunk
-    as a float trace: an int8 trunk is calibrated in batches of the process's size, and its
-    activation histograms depend on that split, so 1 x 8 and 2 x 4 would train on two trunks."""
-    common = dict(freeze="backbone", augment="none", precision="fp32", epochs=3, frozen_trunk="true")
-    one, _ = _run(tmp_path / "one", batch_size=8, **common)
+    as the job picks it: where it is int8, both calibrate it in int8.calibration_batch's batches,
+    not their own (activation histograms depend on the split), so they train on the same trunk and
+    write the same int8 models."""
+    common = dict(freeze="backbone", augment="none", precision="fp32", epochs=3)
+    one, log_one = _run(tmp_path / "one", batch_size=8, **common)
     two, log = _run(tmp_path / "two", batch_size=4, processes_per_host=2, **common)
+    # the same trunk: its features' distance from fp32's as measured, and the trace it trained on
+    trunk = re.compile(r"frozen-trunk: int8 calibrated .* features are ([\d.]+) from|run as one frozen (\w+) trace")
+    assert trunk.findall(log) == trunk.findall(log_one) and trunk.findall(log)
 
     assert "data parallel: 1 hosts x 2 processes = 2 ranks" in log
     assert "batch size 4 per process x 2 processes = global batch 8, 3 steps per epoch" in log
@@ -112,6 +117,12 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         if a.is_floating_point():
             assert torch.allclose(a, b, atol=1e-5), name
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for vnni in (False, True):
+        q1, q2 = artifact.load_int8(one.model_dir, vnni), artifact.load_int8(two.model_dir, vnni)
+        assert (q1 is None) == (q2 is None) and (vnni or q1 is not None)
+        if q1 is not None:
+            assert torch.allclose(q1(x), q2(x), atol=1e-5), f"int8 model (vnni={vnni})"
     h1 = json.loads((one.output_data / "metrics.json").read_text())
     h2 = json.loads((two.output_data / "metrics.json").read_text())
     for e1, e2 in zip(h1["history"], h2["history"], strict=True):  # global metrics, not rank 0's share

@@ -216,6 +216,16 @@ def _agreements(built) -> tuple[list[float], int]:
     return [agreement for _, agreement in models], compared
 
 
+def test_calibration_batches_have_a_size_of_their_own():
+    """Not the job's batch size (tests/test_distributed.py: 1 process x 8 and 2 x 4 write the same
+    int8 models); fewer images per batch only for images larger than 224 px, by their pixels."""
+    from train import int8
+
+    assert int8.calibration_batch(224) == int8.calibration_batch(32) == int8.CALIBRATION_BATCH == 128
+    assert int8.calibration_batch(448) == 32 and int8.calibration_batch(300) == 71
+    assert int8.calibration_batch(2048) == 1
+
+
 def test_a_jobs_int8_comparison_reuses_the_bf16_checks_fp32_classes(model, monkeypatch):
     """train.job runs fp32 over the report images once, as the server runs it (the frozen trace on
     a CPU, not eager): top1_agreement keeps its top-1 classes and int8.build compares int8 against

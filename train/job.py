@@ -334,8 +334,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         log.info("resumed from %s after epoch %d", job.checkpoint_dir / checkpoint.FILENAME, start_epoch)
 
     _, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
-                                lambda: calibration_batches(splits.train, eval_preset, batcher, eval_bs,
-                                                            cfg.seed, workers))
+                                lambda: calibration_batches(splits.train, eval_preset, batcher, cfg.seed, workers))
     gemm_convs(cfg, model, device, precision)
     fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
@@ -419,7 +418,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
              100 * final["bf16_top1_agreement"], report_channel, AGREEMENT_IMAGES)
     int8_models = []
     if rank.is_main and cfg.int8:
-        int8_models = make_int8(model, final, splits, eval_preset, eval_bs, eval_loaders[report_channel], batcher,
+        int8_models = make_int8(model, final, splits, eval_preset, eval_loaders[report_channel], batcher,
                                 cfg.seed, workers, report_channel, fp32_top1, trunk_int8)
     if rank.is_main:
         write_results(job, cfg, model, eval_preset, splits, history, final, result, report_channel, best["epoch"],
@@ -427,19 +426,21 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     return final
 
 
-def calibration_loader(train: data.Channel, eval_preset, batch_size: int, seed: int, workers: int):
-    """int8's calibration images (the artifact's model and the int8 trunk alike), through the eval preset."""
-    return data.make_loader(int8.calibration_channel(train), eval_preset, batch_size, shuffle=False,
+def calibration_loader(train: data.Channel, eval_preset, seed: int, workers: int):
+    """int8's calibration images (the artifact's model and the int8 trunk alike), through the eval
+    preset, in batches of int8.calibration_batch: not the job's, so the int8 models do not depend on it."""
+    return data.make_loader(int8.calibration_channel(train), eval_preset,
+                            int8.calibration_batch(eval_preset.crop_size), shuffle=False,
                             seed=seed, workers=min(workers, 2), pin_memory=False)
 
 
-def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, batch_size: int, seed: int, workers: int):
+def calibration_batches(train: data.Channel, eval_preset, batcher: Batcher, seed: int, workers: int):
     """calibration_loader's images as normalized batches on the batcher's device (the int8 trunk's input)."""
-    for images, labels in calibration_loader(train, eval_preset, batch_size, seed, workers):
+    for images, labels in calibration_loader(train, eval_preset, seed, workers):
         yield batcher(images, labels)[0]
 
 
-def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_loader, batcher, seed, workers,
+def make_int8(model, final, splits: Splits, eval_preset, report_loader, batcher, seed, workers,
               channel, references=None, trunk: frozen_trunk.Int8Trunk | None = None):
     """The int8 models (int8.build) and their agreements in `final`, or none where int8 cannot be
     built here: the artifact is still complete without them, and the server answers in fp32. trunk: trace_trunk's
@@ -453,7 +454,7 @@ def make_int8(model, final, splits: Splits, eval_preset, batch_size, report_load
         if made:
             log.info("int8: the int8 trunk the head trained on, with the trained head in fp32 (the trunk was "
                      "calibrated on the same training images before the first epoch; not calibrated again)")
-        calibration = None if made else calibration_loader(splits.train, eval_preset, batch_size, seed, workers)
+        calibration = None if made else calibration_loader(splits.train, eval_preset, seed, workers)
         built, compared = int8.build(model, calibration, report_loader, batcher, references=references, graphs=made)
     except Exception as exc:  # FX tracing fails on some architectures; fp32 serving still works
         log.warning("int8: quantizing %s failed (%s: %s); the artifact has no int8 model and the server answers "
