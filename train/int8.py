@@ -4,16 +4,17 @@ eval preset, measured against fp32 on the report images, written next to model.p
 Runs after the last epoch, on the main rank only, the int8 model on the host's CPU: at most 256
 calibration images forwarded in fp32 and 1,024 compared images (CALIBRATION_IMAGES,
 AGREEMENT_IMAGES). Calibration batches have a size of their own (calibration_batch), so the int8
-models do not depend on the job's batch size or number of processes. That took 2.4 s for the
-tests' tiny model. resnet50 at 224 px on 2 AMX cores (2026-12-06, random weights): 55 s to
-calibrate on 256 images, convert and trace, then per 128 compared images 2.1 s in int8; fp32's classes come from the bf16 check's pass over the same images (build's references),
-which saved 25 s of 46 for 256 images. A frozen backbone that trained on its int8 trunk is not
-calibrated again: its int8 models are that trunk's variants with the trained head
-(train.frozen_trunk.int8_models), and only the comparison runs here (1.3 s against 37.6-41.9 s for
-resnet50 at 224 px, 0.4 against 9.5-10.6 s for resnet18, 2026-12-06). Where the CPU has VNNI a
-second model with 8-bit activations comes from the same calibration pass (imgcls.quantize) and is
-compared in the same loop: 0.2-1.2 s more to convert and trace, and 0.13-0.17 s more per 32
-compared images, for resnet50 at 224 px on 2 AMX cores (2026-12-07). int8=false skips it."""
+models do not depend on the job's batch size or number of processes. That took 2.4 s for the tests'
+tiny model. resnet50 at 224 px on 2 AMX cores (2026-12-06, random weights): 55 s to calibrate on
+256 images, convert and trace, then per 128 compared images 2.1 s in int8; fp32's classes come from
+the bf16 check's pass over the same images (build's references), which saved 25 s of 46 for 256
+images. A frozen backbone that trained on its int8 trunk is not calibrated again: its int8 models
+are that trunk's variants with the trained head (train.frozen_trunk.int8_models), and only the
+comparison runs here (1.3 s against 37.6-41.9 s for resnet50 at 224 px, 0.4 against 9.5-10.6 s for
+resnet18, 2026-12-06). Where the CPU has VNNI a second model with 8-bit activations comes from the
+same calibration pass (imgcls.quantize) and is compared in the same loop: 0.2-1.2 s more to convert
+and trace, and 0.13-0.17 s more per 32 compared images, for resnet50 at 224 px on 2 AMX cores
+(2026-12-07). int8=false skips it."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def calibration_batch(crop_size: int) -> int:
     """Images per calibration forward, whatever the job's batch size and number of processes: a
     histogram observer merges batches approximately, so the same images split otherwise give other
     activation scales, and a job with 2 processes of 4 would get another int8 model than 1 process
-    of 8. CALIBRATION_BATCH at 224 px and below, fewer for larger images by their pixels (memory)."""
+    of 8. CALIBRATION_BATCH at 224 px and below, fewer for larger images by their pixels
+    (memory)."""
     return max(1, min(CALIBRATION_BATCH, CALIBRATION_BATCH * 224 * 224 // (crop_size * crop_size)))
 
 
