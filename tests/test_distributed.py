@@ -196,3 +196,44 @@ def test_loader_workers_share_the_host_between_its_processes():
     assert auto_workers(2, 1, on_gpu=False, cached=True) == 0
     assert auto_workers(8, 1, on_gpu=False, cached=True) == 2
     assert auto_workers(16, 1, on_gpu=True, cached=True) == 16
+
+
+def _pick_convs(rank: int, port: int, out: str) -> None:
+    """One rank of test_rank_0_times_conv_gemm_and_every_rank_runs_its_picks."""
+    import torch.distributed as dist
+
+    from imgcls.models import create_model
+    from train import conv_gemm, distributed
+    from train.engine import choose_precision
+    from train.job import gemm_convs
+
+    if rank == 0:  # the multiply "wins" everywhere: picks that differ from any timing's
+        conv_gemm._time = lambda *args: (2.0, 1.0)
+    else:  # a rank that timed for itself would fail here
+        def _time(*args):
+            raise AssertionError("rank 1 timed its convolutions itself")
+        conv_gemm._time = _time
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = create_model("resnet18", 3).to(memory_format=torch.channels_last)
+        cfg = hyperparams.parse({"batch-size": "2", "image-size": "32"})
+        device = torch.device("cpu")
+        names = gemm_convs(cfg, model, device, choose_precision(cfg.precision, device), distributed.Rank(rank, 2))
+        running = sorted(n for n, m in model.named_modules() if type(m) is conv_gemm.GemmConv2d)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"returned": names, "running": running}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_times_conv_gemm_and_every_rank_runs_its_picks(tmp_path):
+    """Ranks timing at once on shared CPUs pick differently where the two kernels tie (docs/benchmarks.md):
+    rank 0 times them, and every rank runs rank 0's picks without timing. Two processes over gloo."""
+    import torch.multiprocessing as mp
+
+    from serve.process import free_port
+
+    mp.spawn(_pick_convs, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    picks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert picks[0]["running"] and sorted(picks[0]["returned"]) == picks[0]["running"]
+    assert picks[1] == picks[0]

@@ -169,10 +169,16 @@ def choose(model: nn.Module, example: torch.Tensor, autocast, mode: str, reps: i
                 names.append(name)
         for p, g in grads.items():  # timing must not leave gradients behind
             p.grad = g
-        for name in names:
-            modules[name].__class__ = GemmConv2d
+        swap(model, names)
     return {"swapped": names, "convs": sum(eligible(m) or type(m) is GemmConv2d for m in model.modules()),
             "seconds": time.perf_counter() - start}
+
+
+def swap(model: nn.Module, names: list[str]) -> None:
+    """Run the named convolutions as the multiply: choose()'s picks, or another process's."""
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].__class__ = GemmConv2d
 
 
 def restore(model: nn.Module) -> None:

@@ -37,6 +37,14 @@ class Rank:
         return tensor
 
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` (picklable) on every rank; alone, `obj`."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def start(self, device: torch.device) -> None:
         """Join the process group: NCCL between GPUs, gloo on CPU. Alone: nothing to join."""
         if self.world_size == 1:

@@ -195,14 +195,28 @@ def int8_trunk(mode: str, model: nn.Module, names: list[str], calibration) -> fr
     return None
 
 
-def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision) -> list[str]:
+def gemm_convs(cfg: hyperparams.Config, model: nn.Module, device: torch.device, precision,
+               rank: distributed.Rank | None = None) -> list[str]:
     """conv-gemm: time the model's convolutions at this job's batch, image size and precision and
-    run those as one matrix multiply that train faster so (train.conv_gemm); returns their names."""
+    run those as one matrix multiply that train faster so (train.conv_gemm); returns their names.
+    In a data-parallel job rank 0 times them and every rank runs its picks: ranks timing at once
+    on shared CPUs would pick differently where the two kernels tie, and compute differently for
+    the picks rank 0 logs."""
     mode = cfg.conv_gemm
     if mode != "false" and cfg.compile:
         log.info("conv-gemm=%s: off with compile=true (inductor chooses its own kernels)", mode)
         return []
-    chosen = conv_gemm.choose(model, example_batch(cfg, device), lambda: autocast(device, precision), mode)
+    rank = rank or distributed.Rank()
+
+    def timed():
+        return conv_gemm.choose(model, example_batch(cfg, device), lambda: autocast(device, precision), mode)
+
+    if rank.world_size > 1 and mode == "auto" and device.type == "cpu":
+        chosen = rank.broadcast(timed() if rank.is_main else None)
+        if not rank.is_main:
+            conv_gemm.swap(model, chosen["swapped"])
+    else:
+        chosen = timed()
     if mode == "true" or chosen["swapped"]:
         log.info("conv-gemm=%s: %d of %d convolutions run as one matrix multiply (%s; timed in %.1f s)", mode,
                  len(chosen["swapped"]), chosen["convs"], ", ".join(chosen["swapped"]) or "none", chosen["seconds"])
@@ -335,7 +349,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
 
     _, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
                                 lambda: calibration_batches(splits.train, eval_preset, batcher, cfg.seed, workers))
-    gemm_convs(cfg, model, device, precision)
+    gemm_convs(cfg, model, device, precision, rank)
     fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
