@@ -62,21 +62,33 @@ def library_versions() -> dict:
             "torchvision": torchvision.__version__, "imgcls": __version__}
 
 
+class AtomicFile:
+    """A file written through a temporary one in the same folder, then renamed: readers never see
+    half a file. The temporary file is made at once, so a folder that cannot take it fails there;
+    write() may come later, from another thread (train.checkpoint.Writer)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+
+    def write(self, write) -> None:
+        try:
+            with os.fdopen(self._fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; a server running as another user must read it
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            raise
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a server running as another user must read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write through a temporary file in the same folder, then rename (AtomicFile)."""
+    AtomicFile(path).write(write)
 
 
 def save(model_dir: Path, model: nn.Module, card: ModelCard) -> None:

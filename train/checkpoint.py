@@ -3,18 +3,27 @@
 The checkpoint holds everything the rest of the run depends on: weights, optimizer, schedule,
 scaler, RNG states, the best weights so far, early-stopping state and the metric history.
 It is written atomically, so a kill mid-write leaves the previous checkpoint intact.
+
+A job writes it in a thread of its own while the next epoch trains (Writer): writing resnet18's
+(179 MB: weights, AdamW's state, the best weights) took 0.34-0.57 s on 2 AMX cores, a sixth of one
+of `make demo`'s epochs, and on a GPU the device waits for all of it. The epoch end only copies the
+state (0.02 s there). Without the zip archive's CRC-32s: torch.load does not check them (a byte
+flipped in a tensor loads silently with or without), and they were half of torch.save's time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imgcls.artifact import atomic_write_bytes
+from imgcls.artifact import AtomicFile
 from imgcls.errors import ClassifierError
 
 log = logging.getLogger("train")
@@ -47,14 +56,83 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(directory: Path, state: dict) -> Path:
-    path = Path(directory) / FILENAME
+    """Write the checkpoint now (Writer, waited for)."""
+    writer = Writer(directory)
+    writer.save(state)
+    writer.close()
+    return writer.path
+
+
+class Writer:
+    """Writes checkpoints in a thread of its own, one at a time: save() copies the state to the
+    CPU and returns while the thread writes it; the next save() and close() wait for that write
+    and raise its error. A folder that cannot take the file fails in save() itself. Nothing else
+    may torch.save while a write is in flight (it runs without CRC-32s, a process-wide option):
+    close() before writing the artifact."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.path = self.directory / FILENAME
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict) -> None:
+        self.close()
+        snapshot = _copied(state)  # the next steps change the weights and the optimizer's state in place
+        try:
+            target = AtomicFile(self.path)
+        except OSError as exc:
+            raise _unwritable(self.directory, exc) from None
+        self._thread = threading.Thread(target=self._write, args=(target, snapshot), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, target: AtomicFile, snapshot: dict) -> None:
+        try:
+            with _without_crc32():
+                target.write(lambda fh: torch.save(snapshot, fh))
+        except BaseException as exc:  # handed to the training thread by close()
+            self._error = exc
+
+    def close(self) -> None:
+        """Wait for the write in flight; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        exc, self._error = self._error, None
+        if isinstance(exc, OSError):
+            raise _unwritable(self.directory, exc) from None
+        if exc is not None:
+            raise exc
+
+
+def _unwritable(directory: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"The checkpoint cannot be written to {directory} ({exc.strerror or exc}): it must be "
+                           "a writable folder (the Estimator's checkpoint_local_path, /opt/ml/checkpoints by "
+                           "default).")
+
+
+def _copied(obj):
+    """obj with every tensor copied to the CPU (a device's too) and every container copied."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps a state dict's class and its _metadata (module versions)
+        for k, v in obj.items():
+            out[k] = _copied(v)
+        return out
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_copied(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@contextlib.contextmanager
+def _without_crc32():
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
-        atomic_write_bytes(path, lambda fh: torch.save(state, fh))
-    except OSError as exc:
-        raise CheckpointError(f"The checkpoint cannot be written to {directory} ({exc.strerror or exc}): it must be "
-                              "a writable folder (the Estimator's checkpoint_local_path, /opt/ml/checkpoints by "
-                              "default).") from None
-    return path
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def load(directory: Path, hyperparameters: dict) -> dict | None:

@@ -362,6 +362,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     profile_dir = job.output_data_dir / "profile" if rank.is_main else None
     run_info = {"workers": workers, "cpus": job.num_cpus, "batch_size": cfg.batch_size, "world_size": rank.world_size,
                 "arch": cfg.arch, "image_size": cfg.image_size, "precision": precision.name}
+    checkpointer = checkpoint.Writer(job.checkpoint_dir)  # writes while the next epoch trains
     with profiling.Profiler(profile_dir, profile_settings, device, run_info) as profiler:
         for epoch in range(start_epoch, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
@@ -388,7 +389,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                 bad_epochs += 1
             stop = cfg.patience > 0 and bad_epochs >= cfg.patience
             if rank.is_main:
-                checkpoint.save(job.checkpoint_dir, {
+                checkpointer.save({
                     "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": checkpoint.rng_state(), "best": best, "bad_epochs": bad_epochs, "history": history,
@@ -398,6 +399,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
                 log.info("early stopping: valid loss has not improved for %d epochs (best %.4g at epoch %d)",
                          cfg.patience, best["loss"], best["epoch"])
                 break
+    checkpointer.close()
     debugger.close()
     train_loader.close()  # its workers would go on into an epoch that will not run
     conv_gemm.restore(model)  # what is evaluated, exported and quantized from here is the plain model
