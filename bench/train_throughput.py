@@ -249,7 +249,7 @@ class InMemory:
 def setup_fuses(device) -> bool:
     """Whether the default fuses batch norm here (train.fused_norm): bf16 on a CPU with a compiler."""
     precision = choose_precision("auto", device)
-    return fused_norm.why_not("auto", device, precision.name, True, False, None) is None
+    return fused_norm.why_not("auto", device, precision.name, True, False) is None
 
 
 def fast(config: str) -> bool:

@@ -171,14 +171,13 @@ def test_a_frozen_stem_keeps_its_statistics_in_a_fused_torchvision_resnet18():
 
 def test_why_not_says_why():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert fused_norm.why_not("false", cpu, "bf16", True, False, None) == "fused-norm=false"
-    assert "for CPUs" in fused_norm.why_not("auto", cuda, "bf16", True, False, None)
-    assert "trains in fp32" in fused_norm.why_not("auto", cpu, "fp32", True, False, None)
-    assert "channels-last=false" in fused_norm.why_not("auto", cpu, "bf16", False, False, None)
-    assert "compile=true" in fused_norm.why_not("auto", cpu, "bf16", True, True, None)
-    assert "relu_input" in fused_norm.why_not("auto", cpu, "bf16", True, False, {"losses", "relu_input"})
+    assert fused_norm.why_not("false", cpu, "bf16", True, False) == "fused-norm=false"
+    assert "for CPUs" in fused_norm.why_not("auto", cuda, "bf16", True, False)
+    assert "trains in fp32" in fused_norm.why_not("auto", cpu, "fp32", True, False)
+    assert "channels-last=false" in fused_norm.why_not("auto", cpu, "bf16", False, False)
+    assert "compile=true" in fused_norm.why_not("auto", cpu, "bf16", True, True)
     if fused_norm.library() is not None:
-        assert fused_norm.why_not("auto", cpu, "bf16", True, False, {"losses", "gradients"}) is None
+        assert fused_norm.why_not("auto", cpu, "bf16", True, False) is None
 
 
 def test_without_a_compiler_the_job_keeps_atens_batch_norm(monkeypatch, tmp_path):
@@ -186,7 +185,7 @@ def test_without_a_compiler_the_job_keeps_atens_batch_norm(monkeypatch, tmp_path
     monkeypatch.setenv("CC", "/nonexistent/gcc")
     monkeypatch.setenv("IMGCLS_CACHE", str(tmp_path))  # nothing built before may be picked up
     assert fused_norm.library() is None
-    assert "/nonexistent/gcc" in fused_norm.why_not("auto", torch.device("cpu"), "bf16", True, False, None)
+    assert "/nonexistent/gcc" in fused_norm.why_not("auto", torch.device("cpu"), "bf16", True, False)
     bn = _norm(8, True)
     x = torch.randn(2, 8, 3, 3).to(torch.bfloat16).contiguous(memory_format=CL)
     want, _ = _run(_norm(8, False), x, None, True, torch.ones_like(x), False)
@@ -270,3 +269,45 @@ def test_the_max_pool_without_a_gradient_is_atens():
     with torch.no_grad():
         assert torch.equal(fused(x), pool(x))
     assert torch.equal(fused(x), pool(x))  # x needs no gradient: nothing to keep for a backward
+
+
+@needs_kernel
+def test_a_debugger_saving_relu_inputs_sees_them_at_its_save_steps_and_the_other_steps_run_fused(tmp_path):
+    """relu_input needs each ReLU module to run, which a fused block does not call: the job runs
+    ATen's modules at the steps smdebug saves (0, 3 and 6 with save_interval 3) and fuses the rest."""
+    import json
+
+    from smdebug.core.modes import ModeKeys
+    from smdebug.trials import create_trial
+
+    from train.debugger import Debugger
+    from train.engine import Batcher, Precision, train_one_epoch
+
+    config = tmp_path / "debughookconfig.json"
+    config.write_text(json.dumps({
+        "LocalPath": str(tmp_path / "tensors"), "HookParameters": {"save_interval": "3"},
+        "CollectionConfigurations": [{"CollectionName": "losses"}, {"CollectionName": "relu_input",
+                                      "CollectionParameters": {"include_regex": ".*relu_input"}}]}))
+    torch.manual_seed(0)
+    model = create_model("resnet18", 3).to(memory_format=CL)
+    fused_norm.fuse(model)
+    criterion = nn.CrossEntropyLoss()
+    debugger = Debugger.create(config, model, criterion, base_dir=tmp_path)
+    norms = fused_norm.AtSaveSteps(model)
+    ran = []  # per step: whether the blocks ran fused
+    model.layer1[0].register_forward_pre_hook(lambda m, _: ran.append(type(m) is not BasicBlock))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])) for _ in range(7)]
+    debugger.train_mode()
+    train_one_epoch(model, batches, Batcher(torch.device("cpu"), None, True), criterion, optimizer,
+                    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), Precision(torch.bfloat16, False, "bf16"),
+                    None, 2, model.train, before_step=lambda: norms(debugger.saves_module_tensors_next()))
+    norms.plain()
+    debugger.close()
+    fused_norm.restore(model)
+    assert ran == [False, True, True, False, True, True, False]
+    trial = create_trial(str(tmp_path / "tensors"))
+    relu = [n for n in trial.tensor_names() if n.endswith("relu_input_0") and n.startswith("layer")]
+    assert relu, trial.tensor_names()
+    for name in relu:
+        assert trial.tensor(name).steps(mode=ModeKeys.TRAIN) == [0, 3, 6], name

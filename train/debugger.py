@@ -14,6 +14,14 @@ from pathlib import Path
 
 log = logging.getLogger("train")
 SAGEMAKER_BASE = Path("/opt/ml")
+# Debugger collections that read the loss, the parameters or their gradients, never a module's
+# inputs or outputs: a traced trunk or a fused block runs modules without their hooks.
+HOOK_SAFE_COLLECTIONS = frozenset({"losses", "weights", "biases", "gradients"})
+
+
+def module_collections(names: set[str] | None) -> list[str]:
+    """The collections among `names` that read modules' inputs or outputs (relu_input ...)."""
+    return sorted((names or set()) - HOOK_SAFE_COLLECTIONS)
 
 
 def relocate(config: Path, base_dir: Path) -> Path:
@@ -98,6 +106,19 @@ class Debugger:
     @property
     def active(self) -> bool:
         return self.hook is not None
+
+    def saves_module_tensors_next(self) -> bool:
+        """Whether the hook's next step, in its mode, saves a collection that reads modules' inputs
+        or outputs (module_collections): smdebug's own save configs decide, as its forward
+        pre-hook will. True before the first step, when smdebug has not yet prepared them."""
+        hook = self.hook
+        if hook is None:
+            return False
+        if not hook.prepared_collections:
+            return True
+        step = hook.mode_steps.get(hook.mode, hook.init_step) + 1
+        return any(c.name not in HOOK_SAFE_COLLECTIONS and c.save_config.should_save_step(hook.mode, step)
+                   for c in hook._get_all_collections_to_save())
 
     def train_mode(self) -> None:
         if self.hook:

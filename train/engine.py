@@ -90,8 +90,9 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[t
 
 def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optimizer, scheduler,
                     precision: Precision, scaler, top_k: int, set_mode,
-                    progress: Progress | None = None, reduce=None, on_step=None) -> EpochResult:
-    """on_step(step, data_wait_s, compute_s, images) after each step (the profiler's step log)."""
+                    progress: Progress | None = None, reduce=None, on_step=None, before_step=None) -> EpochResult:
+    """on_step(step, data_wait_s, compute_s, images) after each step (the profiler's step log);
+    before_step() before each forward (train.fused_norm.AtSaveSteps)."""
     set_mode()
     device = batcher.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -104,6 +105,8 @@ def train_one_epoch(model: nn.Module, loader, batcher: Batcher, criterion, optim
         got = time.perf_counter()
         wait += got - ready
         x, y = batcher(images, labels)
+        if before_step is not None:
+            before_step()
         with autocast(device, precision):
             logits = model(x)
             loss = criterion(logits.float(), y)

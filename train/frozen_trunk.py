@@ -39,11 +39,10 @@ from torch import nn
 from imgcls import quantize
 from imgcls.inference import InferenceModel
 
+from .debugger import module_collections
+
 # torchvision's ResNet._forward_impl, in order; torch.flatten comes between avgpool and fc.
 FORWARD = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
-# Debugger collections that read the loss, the parameters or their gradients, never a module's
-# inputs or outputs: the trace runs the trunk's modules without their hooks.
-HOOK_SAFE_COLLECTIONS = frozenset({"losses", "weights", "biases", "gradients"})
 # int8 features' distance from fp32's over their spread between images (int8_error). Backbones the
 # bench trained measured 0.050 and 0.105, and their heads learned as well in int8 as on the float
 # trace; random-init ones 0.17-0.23, where a head lost about a point (docs/benchmarks.md).
@@ -74,7 +73,7 @@ def why_not(mode: str, device: torch.device, compile: bool, collections: set[str
         return f"frozen-trunk=int8 runs quantized CPU kernels, not on {device.type}; use true for a float trace there"
     if compile:
         return "compile=true compiles the whole model instead"
-    watched = sorted((collections or set()) - HOOK_SAFE_COLLECTIONS)
+    watched = module_collections(collections)
     if watched:
         return (f"the debugger saves the collections {', '.join(watched)}, which need the trunk's own modules "
                 "to run; save only losses, weights, biases and gradients to trace it")

@@ -27,7 +27,6 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import native
-from .frozen_trunk import HOOK_SAFE_COLLECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +191,9 @@ _SWAPS = {nn.BatchNorm2d: FusedBatchNorm2d, BasicBlock: FusedBasicBlock, Bottlen
 _BACK = {fused: plain for plain, fused in _SWAPS.items()}
 
 
-def why_not(mode: str, device: torch.device, precision: str, channels_last: bool, compile: bool,
-            collections: set[str] | None) -> str | None:
-    """None where the job should fuse, else why not (for its log). collections: the debugger's
-    collection names, None without a debugger."""
+def why_not(mode: str, device: torch.device, precision: str, channels_last: bool, compile: bool) -> str | None:
+    """None where the job should fuse, else why not (for its log). A debugger that saves modules'
+    tensors does not stop it: its save steps run ATen's modules (AtSaveSteps)."""
     if mode == "false":
         return "fused-norm=false"
     if device.type != "cpu":
@@ -205,10 +203,6 @@ def why_not(mode: str, device: torch.device, precision: str, channels_last: bool
                 + ("" if channels_last else " with channels-last=false"))
     if compile:
         return "compile=true compiles the whole model instead"
-    watched = sorted((collections or set()) - HOOK_SAFE_COLLECTIONS)
-    if watched:
-        return (f"the debugger saves the collections {', '.join(watched)}, which need each ReLU module to run; "
-                "save only losses, weights, biases and gradients to fuse")
     if library() is None:
         return why_not_built()
     return None
@@ -244,3 +238,25 @@ def restore(model: nn.Module) -> None:
     for m in model.modules():
         if type(m) in _BACK:
             m.__class__ = _BACK[type(m)]
+
+
+class AtSaveSteps:
+    """A fused model beside a debugger that saves modules' inputs or outputs (relu_input ...) at
+    some steps: before each training step, call it with whether that step saves them
+    (train.debugger.Debugger.saves_module_tensors_next); such steps run ATen's modules, so the hook
+    sees every ReLU, and the others run fused, which computes the same up to bf16 rounding.
+    plain() before evaluation, whose save steps need the modules as well."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.fused = model, True
+
+    def __call__(self, saves: bool) -> None:
+        self._set(not saves)
+
+    def plain(self) -> None:
+        self._set(False)
+
+    def _set(self, fused: bool) -> None:
+        if fused != self.fused:
+            fuse(self.model) if fused else restore(self.model)
+            self.fused = fused

@@ -40,7 +40,7 @@ from . import (
     profiling,
     weights,
 )
-from .debugger import Debugger, collections
+from .debugger import Debugger, collections, module_collections
 from .engine import (
     AGREEMENT_IMAGES,
     Batcher,
@@ -232,15 +232,16 @@ def fuse_norms(cfg: hyperparams.Config, model: nn.Module, device: torch.device, 
     (train.fused_norm); returns how many batch norms run so. After conv-gemm, whose timing runs the
     plain modules."""
     compiling = cfg.compile and debugger_config is None
-    why = fused_norm.why_not(cfg.fused_norm, device, precision.name, cfg.channels_last, compiling,
-                             collections(debugger_config))
+    why = fused_norm.why_not(cfg.fused_norm, device, precision.name, cfg.channels_last, compiling)
     if why:
         if device.type == "cpu" or cfg.fused_norm != "auto":
             log.info("fused-norm=%s: ATen's batch norm (%s)", cfg.fused_norm, why)
         return 0
     count = fused_norm.fuse(model)
+    watched = module_collections(collections(debugger_config))
     log.info("fused-norm=auto: %d batch norms train with the ReLU and residual add after them in one kernel "
-             "each way", count)
+             "each way%s", count, f"; ATen's modules at the steps where the debugger saves {', '.join(watched)} "
+             "(each ReLU module must run) and in evaluation" if watched and count else "")
     return count
 
 
@@ -350,9 +351,12 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     _, trunk_int8 = trace_trunk(cfg, model, device, precision, job.debugger_config,
                                 lambda: calibration_batches(splits.train, eval_preset, batcher, cfg.seed, workers))
     gemm_convs(cfg, model, device, precision, rank)
-    fuse_norms(cfg, model, device, precision, job.debugger_config)
+    fused = fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
+    norms = (fused_norm.AtSaveSteps(model) if fused and debugger.active
+             and module_collections(collections(job.debugger_config)) else None)
+    before_step = None if norms is None else lambda: norms(debugger.saves_module_tensors_next())
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
     # DDP for the training steps only: evaluation shards are uneven and need no gradient sync.
@@ -370,8 +374,11 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
             debugger.train_mode()
             tr = train_one_epoch(run_model, data.epoch_batches(train_loader, epoch), train_batcher, criterion,
                                  optimizer, scheduler, precision, scaler, top_k, set_mode, progress, reduce=rank.reduce,
-                                 on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n))
+                                 on_step=lambda step, wait, compute, n, e=epoch + 1: profiler.step(e, step, wait, compute, n),
+                                 before_step=before_step)
             progress.close()
+            if norms is not None:
+                norms.plain()
             debugger.eval_mode()
             va = evaluate(eval_model, eval_loaders["valid"], batcher, precision, top_k, len(classes), reduce=rank.reduce)
             record = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
