@@ -238,10 +238,8 @@ def fuse_norms(cfg: hyperparams.Config, model: nn.Module, device: torch.device, 
             log.info("fused-norm=%s: ATen's batch norm (%s)", cfg.fused_norm, why)
         return 0
     count = fused_norm.fuse(model)
-    watched = module_collections(collections(debugger_config))
     log.info("fused-norm=auto: %d batch norms train with the ReLU and residual add after them in one kernel "
-             "each way%s", count, f"; ATen's modules at the steps where the debugger saves {', '.join(watched)} "
-             "(each ReLU module must run) and in evaluation" if watched and count else "")
+             "each way", count)
     return count
 
 
@@ -354,9 +352,12 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     fused = fuse_norms(cfg, model, device, precision, job.debugger_config)
     debugger = Debugger.create(job.debugger_config, model, criterion, enabled=rank.is_main,
                                base_dir=job.output_dir.parent)
-    norms = (fused_norm.AtSaveSteps(model) if fused and debugger.active
-             and module_collections(collections(job.debugger_config)) else None)
+    watched = module_collections(collections(job.debugger_config))
+    norms = fused_norm.AtSaveSteps(model) if fused and debugger.active and watched else None
     before_step = None if norms is None else lambda: norms(debugger.saves_module_tensors_next())
+    if norms is not None:
+        log.info("fused-norm: fused between the debugger's save steps; ATen's modules at the steps where the "
+                 "debugger saves %s (each ReLU module must run) and in evaluation", ", ".join(watched))
     profile_settings = profiling.ProfileSettings.resolve(cfg.profile_interval_ms, cfg.profile_steps,
                                                          job.profiler_config)
     # DDP for the training steps only: evaluation shards are uneven and need no gradient sync.
