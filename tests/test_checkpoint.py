@@ -116,3 +116,21 @@ def test_files_written_after_the_checkpoint_keep_their_crc32s(tmp_path):
         assert archive.testzip() is None
     with zipfile.ZipFile(tmp_path / checkpoint.FILENAME) as archive:  # the checkpoint's are zero
         assert archive.testzip() is not None
+
+
+def test_unfinished_writes_left_by_a_kill_are_removed_and_nothing_else(tmp_path):
+    model, optimizer = _small()
+    checkpoint.save(tmp_path, _state(model, optimizer, 1))
+    left = [tmp_path / ".checkpoint.pt.k2x9_q1a", tmp_path / ".checkpoint.pt.0b7zzp3c"]
+    for path in left:
+        path.write_bytes(b"\0" * 4096)  # as a kill mid-write leaves it
+    kept = [tmp_path / ".model.pt.k2x9_q1a", tmp_path / "checkpoint.pt.notes", tmp_path / "checkpoint.pt"]
+    for path in kept[:2]:
+        path.write_text("not ours")
+    (tmp_path / ".checkpoint.pt.folder").mkdir()
+
+    assert sorted(checkpoint.remove_partial_writes(tmp_path)) == sorted(left)
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in kept) and (tmp_path / ".checkpoint.pt.folder").is_dir()
+    assert checkpoint.load(tmp_path, {})["epoch"] == 1
+    assert checkpoint.remove_partial_writes(tmp_path / "absent") == []

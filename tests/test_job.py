@@ -154,10 +154,15 @@ def test_resume_after_kill_9_finishes_as_the_uninterrupted_run(tiny_data, tmp_pa
     proc.communicate()
     interrupted = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
     assert 1 <= interrupted < 4
+    # A kill during a write leaves its temporary file (AtomicFile); the restart must not keep it.
+    (ckpt.parent / ".checkpoint.pt.cutoff1").write_bytes(ckpt.read_bytes()[:100_000])
+    unfinished = sorted(p.name for p in ckpt.parent.glob(".checkpoint.pt.*"))
 
     resumed = job.run()
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resumed from {ckpt} after epoch {interrupted}" in resumed.stdout
+    assert f"removed {len(unfinished)} unfinished checkpoint write(s)" in resumed.stdout
+    assert not list(ckpt.parent.glob(".checkpoint.pt.*"))
     history = json.loads((job.output_data / "metrics.json").read_text())["history"]
     for got, want in zip(history, ref_history, strict=True):
         for key in ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr"):

@@ -56,6 +56,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete what writes cut short by a kill left behind (AtomicFile's temporary files, one per
+    interruption mid-write, as large as a checkpoint). SageMaker restores the folder from S3 at each
+    start and mirrors deletions to S3, so each one would otherwise be downloaded by every restart."""
+    removed, size = [], 0
+    for path in sorted(Path(directory).glob(f".{FILENAME}.*")):
+        if path.is_file():
+            size += path.stat().st_size
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("removed %d unfinished checkpoint write(s) left by an interrupted run (%.0f MB): %s",
+                 len(removed), size / 1e6, ", ".join(p.name for p in removed))
+    return removed
+
+
 def save(directory: Path, state: dict) -> Path:
     """Write the checkpoint now (Writer, waited for)."""
     writer = Writer(directory)

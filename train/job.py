@@ -367,6 +367,8 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
     profile_dir = job.output_data_dir / "profile" if rank.is_main else None
     run_info = {"workers": workers, "cpus": job.num_cpus, "batch_size": cfg.batch_size, "world_size": rank.world_size,
                 "arch": cfg.arch, "image_size": cfg.image_size, "precision": precision.name}
+    if rank.local_rank == 0:  # each host's folder is its own copy of the checkpoint_s3_uri
+        checkpoint.remove_partial_writes(job.checkpoint_dir)
     checkpointer = checkpoint.Writer(job.checkpoint_dir)  # writes while the next epoch trains
     with profiling.Profiler(profile_dir, profile_settings, device, run_info) as profiler:
         for epoch in range(start_epoch, cfg.epochs):
