@@ -421,3 +421,46 @@ def test_compile_trains_the_same_model_and_steps_aside_for_the_debugger(tiny_dat
     assert result.returncode == 0, result.stdout[-3000:]
     assert "compile=true is ignored: the debugger hook needs the eager model" in result.stdout
     assert "compile=true: torch.compile" not in result.stdout
+
+
+def test_the_debugger_saves_channels_last_bf16_activations_as_their_float_values(tmp_path):
+    """Autocast activations are bf16 and channels-last: smdebug gets them as C-ordered float32
+    arrays (numpy would otherwise gather them element by element), read back exactly."""
+    from collections import OrderedDict
+
+    import numpy as np
+    import smdebug.pytorch as smd
+    from smdebug.trials import create_trial
+
+    from tests.conftest import Job, debugger_config
+    from train.debugger import Debugger, _hook_class
+
+    job = Job(tmp_path)
+    job.config.mkdir(parents=True)
+    tensors = debugger_config(job, save_interval=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict(  # named as in a ResNet, which relu_input's regex matches
+        conv=torch.nn.Conv2d(3, 8, 3), relu=torch.nn.ReLU(), flat=torch.nn.Flatten(),
+        fc=torch.nn.Linear(8 * 8 * 8, 2))).to(memory_format=torch.channels_last)
+    loss = torch.nn.CrossEntropyLoss()
+    seen = []
+    model.relu.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach().clone()))
+    debugger = Debugger.create(config=job.config / "debughookconfig.json", model=model, criterion=loss,
+                               base_dir=tmp_path)
+    debugger.train_mode()
+    x = torch.randn(4, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    loss(out.float(), torch.tensor([0, 1, 0, 1])).backward()
+    debugger.close()
+
+    relu_in = seen[0]
+    assert relu_in.dtype == torch.bfloat16 and not relu_in.is_contiguous()
+    assert relu_in.is_contiguous(memory_format=torch.channels_last)
+    array = _hook_class(smd)._make_numpy_array(relu_in)
+    assert array.flags.c_contiguous and array.dtype == np.float32
+    trial = create_trial(str(tensors))
+    name = next(n for n in trial.tensor_names() if n.endswith("relu_input_0"))
+    saved = trial.tensor(name).value(0)
+    assert saved.shape == tuple(relu_in.shape)
+    np.testing.assert_array_equal(saved, relu_in.float().numpy())

