@@ -393,7 +393,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
             debugger.save_scalars({k: v for k, v in record.items() if k != "epoch"})
             if math.isfinite(va.loss) and va.loss < best["loss"]:
                 best = {"loss": va.loss, "epoch": epoch + 1,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
                 bad_epochs = 0
             else:
                 bad_epochs += 1
