@@ -35,6 +35,18 @@ def _positions(kernel, stride, out_size):
             for i in range(kh) for j in range(kw)]
 
 
+def _on_input(start: int, step: int, count: int, pad: int, size: int):
+    """Which of a kernel position's `count` rows (start, start + step, ... in padded coordinates)
+    fall on the input's own `size` rows rather than its padding: (rows in the input, rows in the
+    position's gradient), or None."""
+    first = max(0, -((start - pad) // step))
+    last = min(count - 1, (pad + size - 1 - start) // step)
+    if first > last:
+        return None
+    at = start + step * first - pad
+    return slice(at, at + step * (last - first) + 1, step), slice(first, last + 1)
+
+
 class _Columns(torch.autograd.Function):
     """im2col on channels-last memory: (N, H, W, C) to (N, Ho, Wo, kh*kw*C). Autograd's own backward
     of the kh*kw slices builds a zero-filled padded input for each and adds them up (about 7% of a
@@ -45,7 +57,20 @@ class _Columns(torch.autograd.Function):
         (ph, pw) = padding
         padded = F.pad(xh, (0, 0, pw, pw, ph, ph)) if ph or pw else xh
         spots = _positions(kernel, stride, out_size)
-        ctx.geometry = (xh.shape, padded.shape, padding, spots)
+        # The part of each position that lands on the input itself: the padding's gradient is dropped.
+        (sh, sw), (ho, wo), (_, h, w, _) = stride, out_size, xh.shape
+        parts = []
+        for k, (r, c) in enumerate(spots):
+            rows, cols = _on_input(r.start, sh, ho, ph, h), _on_input(c.start, sw, wo, pw, w)
+            if rows and cols:
+                parts.append((k, (rows[0], cols[0]), (rows[1], cols[1])))
+        # A position that covers every input pixel once (the centre of a stride-1 "same" kernel)
+        # starts the sum: no zero-filled buffer to add it to.
+        whole_input = (slice(0, h, 1), slice(0, w, 1))
+        first = next((i for i, (_, on, _) in enumerate(parts) if on == whole_input), None)
+        if first is not None:
+            parts.insert(0, parts.pop(first))
+        ctx.geometry = (xh.shape, parts, first is not None)
         # a 1x1 kernel at stride 1 without padding: the columns are the input itself
         ctx.whole = len(spots) == 1 and padded.shape == xh.shape and tuple(stride) == (1, 1)
         if len(spots) == 1:
@@ -54,21 +79,28 @@ class _Columns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        shape, padded_shape, (ph, pw), spots = ctx.geometry
+        shape, parts, starts_whole = ctx.geometry
         if ctx.whole:  # the gradient as it is: through a zero-filled buffer and one add, resnet50's
             # col2im took 42 ms of a full fine-tuning step instead of 12 (profiled; 17 such convs swapped)
             return grad.reshape(shape), None, None, None, None
         channels = shape[-1]
         # Overlapping positions add up in fp32 and round once, as oneDNN's convolution backward does:
         # added in bf16, each sum rounds again (input gradients 1.2-1.6x as far from fp64's, AMX).
-        wide = len(spots) > 1 and grad.dtype in (torch.bfloat16, torch.float16)
-        buffer = grad.new_zeros(padded_shape, dtype=torch.float32 if wide else grad.dtype)
-        for k, (r, c) in enumerate(spots):
+        wide = len(parts) > 1 and grad.dtype in (torch.bfloat16, torch.float16)
+        dtype = torch.float32 if wide else grad.dtype
+        buffer = None
+        for k, (rows, cols), (grad_rows, grad_cols) in parts:
+            part = grad[:, grad_rows, grad_cols, k * channels:(k + 1) * channels]
+            if buffer is None and starts_whole:
+                buffer = part.to(dtype, memory_format=torch.contiguous_format, copy=True)
+                continue
+            if buffer is None:
+                buffer = grad.new_zeros(shape, dtype=dtype)
             # add_ on the view: `buffer[...] += g` would also copy the view onto itself (setitem)
-            buffer[:, r, c, :].add_(grad[..., k * channels:(k + 1) * channels])
-        inner = buffer[:, ph:ph + shape[1], pw:pw + shape[2], :]
-        return (inner.to(grad.dtype, memory_format=torch.contiguous_format) if wide else inner.contiguous(),
-                None, None, None, None)
+            buffer[:, rows, cols, :].add_(part)
+        if buffer is None:  # no position touches the input (a stride that skips it all)
+            buffer = grad.new_zeros(shape, dtype=dtype)
+        return buffer.to(grad.dtype) if wide else buffer, None, None, None, None
 
 
 class GemmConv2d(nn.Conv2d):
