@@ -70,7 +70,17 @@ class AtomicFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self._fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self._prefix(self.path))
+
+    @staticmethod
+    def _prefix(path: Path) -> str:
+        return f".{path.name}."
+
+    @classmethod
+    def leftovers(cls, path: Path) -> list[Path]:
+        """The temporary files that writes of `path` cut short by a kill left in its folder."""
+        path = Path(path)
+        return sorted(p for p in path.parent.glob(f"{cls._prefix(path)}*") if p.is_file())
 
     def write(self, write) -> None:
         try:

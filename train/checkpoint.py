@@ -60,12 +60,10 @@ def remove_partial_writes(directory: Path) -> list[Path]:
     """Delete what writes cut short by a kill left behind (AtomicFile's temporary files, one per
     interruption mid-write, as large as a checkpoint). SageMaker restores the folder from S3 at each
     start and mirrors deletions to S3, so each one would otherwise be downloaded by every restart."""
-    removed, size = [], 0
-    for path in sorted(Path(directory).glob(f".{FILENAME}.*")):
-        if path.is_file():
-            size += path.stat().st_size
-            path.unlink()
-            removed.append(path)
+    removed, size = AtomicFile.leftovers(Path(directory) / FILENAME), 0
+    for path in removed:
+        size += path.stat().st_size
+        path.unlink()
     if removed:
         log.info("removed %d unfinished checkpoint write(s) left by an interrupted run (%.0f MB): %s",
                  len(removed), size / 1e6, ", ".join(p.name for p in removed))

@@ -88,18 +88,15 @@ class _Columns(torch.autograd.Function):
         # added in bf16, each sum rounds again (input gradients 1.2-1.6x as far from fp64's, AMX).
         wide = len(parts) > 1 and grad.dtype in (torch.bfloat16, torch.float16)
         dtype = torch.float32 if wide else grad.dtype
-        buffer = None
-        for k, (rows, cols), (grad_rows, grad_cols) in parts:
-            part = grad[:, grad_rows, grad_cols, k * channels:(k + 1) * channels]
-            if buffer is None and starts_whole:
-                buffer = part.to(dtype, memory_format=torch.contiguous_format, copy=True)
-                continue
-            if buffer is None:
-                buffer = grad.new_zeros(shape, dtype=dtype)
-            # add_ on the view: `buffer[...] += g` would also copy the view onto itself (setitem)
-            buffer[:, rows, cols, :].add_(part)
-        if buffer is None:  # no position touches the input (a stride that skips it all)
+        part = lambda k, rows, cols: grad[:, rows, cols, k * channels:(k + 1) * channels]  # noqa: E731
+        if starts_whole:
+            (k, _, (rows, cols)), parts = parts[0], parts[1:]
+            buffer = part(k, rows, cols).to(dtype, memory_format=torch.contiguous_format, copy=True)
+        else:
             buffer = grad.new_zeros(shape, dtype=dtype)
+        for k, (rows, cols), (grad_rows, grad_cols) in parts:
+            # add_ on the view: `buffer[...] += g` would also copy the view onto itself (setitem)
+            buffer[:, rows, cols, :].add_(part(k, grad_rows, grad_cols))
         return buffer.to(grad.dtype) if wide else buffer, None, None, None, None
 
 
