@@ -115,6 +115,10 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     spec = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
     (config / "inputdataconfig.json").write_text(json.dumps({"train": spec, "test": spec}))
     (config / "hyperparameters.json").write_text(json.dumps({**TINY, "weights": "imagenet", "num-workers": "1"}))
+    # SageMaker Debugger as SageMaker configures it (losses only: cheap, and fused-norm stays on).
+    (config / "debughookconfig.json").write_text(json.dumps({
+        "LocalPath": "/opt/ml/output/tensors", "HookParameters": {"save_interval": "2"},
+        "CollectionConfigurations": [{"CollectionName": "losses"}]}))
     make_dataset(base / "input" / "data", per_class=10, size=32, classes=3, test_per_class=3, seed=1)
     # Stand-in for the weights the image bakes in: a state dict under torchvision's file name.
     import torchvision
@@ -133,6 +137,9 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     want = "fused-norm=auto: 20 batch norms train" if fast_bf16(torch.device("cpu")) else "fused-norm=auto: ATen's"
     assert want in log
     assert "random crop: a batch at a time, in one call of train/crop_resize.c" in log  # in the loader's worker
+    # smdebug imports in the image (it needs pandas, which it does not declare) and writes the losses
+    assert "smdebug cannot be imported" not in log and "debugger: smdebug hook writing to /opt/ml/output/tensors" in log
+    assert list((base / "output" / "tensors").glob("events/*/*.tfevents"))
     assert (base / "model" / "model.json").is_file() and (base / "model" / "model.pt").is_file()
     assert not (base / "output" / "failure").exists()
     return base
