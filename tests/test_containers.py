@@ -137,7 +137,7 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     want = "fused-norm=auto: 20 batch norms train" if fast_bf16(torch.device("cpu")) else "fused-norm=auto: ATen's"
     assert want in log
     assert "random crop: a batch at a time, in one call of train/crop_resize.c" in log  # in the loader's worker
-    # smdebug imports in the image (it needs pandas, which it does not declare) and writes the losses
+    # smdebug imports in the image (it needs pandas and requests, which it does not declare) and writes the losses
     assert "smdebug cannot be imported" not in log and "debugger: smdebug hook writing to /opt/ml/output/tensors" in log
     assert list((base / "output" / "tensors").glob("events/*/*.tfevents"))
     assert (base / "model" / "model.json").is_file() and (base / "model" / "model.pt").is_file()
