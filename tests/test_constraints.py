@@ -26,15 +26,20 @@ def python310() -> str | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", ["train", "serve"])
-def test_the_pins_resolve_on_python_3_10(extra, tmp_path):
+@pytest.fixture(scope="module")
+def venv310(tmp_path_factory):
     interpreter = python310()
     if interpreter is None:
         pytest.skip("no Python 3.10 on this machine (python3.10 or pyenv's 3.10)")
-    venv = tmp_path / "venv"
+    venv = tmp_path_factory.mktemp("py310") / "venv"
     subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, timeout=120)
-    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--ignore-installed",
+    return venv / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["train", "serve"])
+def test_the_pins_resolve_on_python_3_10(extra, venv310):
+    out = subprocess.run([str(venv310), "-m", "pip", "install", "--dry-run", "--ignore-installed",
                           "-c", str(ROOT / "constraints.txt"), f".[{extra}]"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
