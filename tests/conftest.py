@@ -121,14 +121,22 @@ def colour_dataset(root: Path, per_class: int = 24, test_per_class: int = 4, see
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg")
 
 
+ALL_COLLECTIONS = [{"CollectionName": "losses"}, {"CollectionName": "gradients"},
+                   {"CollectionName": "relu_input", "CollectionParameters": {"include_regex": ".*relu_input"}}]
+
+
+def write_debughookconfig(config: Path, local_path: str, save_interval: int = 1,
+                          collections: list[dict] = ALL_COLLECTIONS) -> None:
+    """A DebuggerHookConfig as SageMaker writes it into /opt/ml/input/config."""
+    (config / "debughookconfig.json").write_text(json.dumps({
+        "LocalPath": local_path, "HookParameters": {"save_interval": str(save_interval)},
+        "CollectionConfigurations": collections}))
+
+
 def debugger_config(job: Job, save_interval: int = 1) -> Path:
-    """A DebuggerHookConfig as SageMaker writes it, saving to <base>/output/tensors."""
+    """The debugger on for a job, saving losses, gradients and relu_input to <base>/output/tensors."""
     tensors = job.base / "output" / "tensors"
-    (job.config / "debughookconfig.json").write_text(json.dumps({
-        "LocalPath": str(tensors), "HookParameters": {"save_interval": str(save_interval)},
-        "CollectionConfigurations": [
-            {"CollectionName": "losses"}, {"CollectionName": "gradients"},
-            {"CollectionName": "relu_input", "CollectionParameters": {"include_regex": ".*relu_input"}}]}))
+    write_debughookconfig(job.config, str(tensors), save_interval)
     return tensors
 
 

@@ -22,7 +22,7 @@ from imgcls.hardware import fast_bf16
 from serve.predictor import Predictor
 from serve.process import free_port
 from serve.server import DEFAULT_VMARGS
-from tests.conftest import ROOT, TINY, moto_server, stage_times, wait_http
+from tests.conftest import ROOT, TINY, moto_server, stage_times, wait_http, write_debughookconfig
 from train.synthetic import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
@@ -116,9 +116,7 @@ def trained_dir(images, env, tmp_path_factory) -> Path:
     (config / "inputdataconfig.json").write_text(json.dumps({"train": spec, "test": spec}))
     (config / "hyperparameters.json").write_text(json.dumps({**TINY, "weights": "imagenet", "num-workers": "1"}))
     # SageMaker Debugger as SageMaker configures it (losses only: cheap, and fused-norm stays on).
-    (config / "debughookconfig.json").write_text(json.dumps({
-        "LocalPath": "/opt/ml/output/tensors", "HookParameters": {"save_interval": "2"},
-        "CollectionConfigurations": [{"CollectionName": "losses"}]}))
+    write_debughookconfig(config, "/opt/ml/output/tensors", 2, [{"CollectionName": "losses"}])
     make_dataset(base / "input" / "data", per_class=10, size=32, classes=3, test_per_class=3, seed=1)
     # Stand-in for the weights the image bakes in: a state dict under torchvision's file name.
     import torchvision
