@@ -83,6 +83,9 @@ def _parse_json(body: bytes, fetch: Callable[[str], bytes] | None) -> list[Sourc
         doc = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"The body is not valid JSON ({exc}).") from None
+    except RecursionError:  # the decoder recurses per level: a few KB of '[' would be a 500
+        raise bad_request('The JSON body is nested too deeply to read: send {"image": "<base64>"} or '
+                          '{"instances": [{"b64": "<base64>"}, ...]}.') from None
     if not isinstance(doc, dict):
         raise bad_request('The JSON body must be an object: {"image": "<base64>"} or '
                           '{"instances": [{"b64": "<base64>"}, ...]}.')

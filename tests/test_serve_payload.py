@@ -64,6 +64,13 @@ def test_bad_bodies_get_a_status_and_a_message(ctype, body, code, words):
     assert words in message
 
 
+def test_json_nested_past_the_decoders_recursion_limit_is_a_bad_request():
+    body = b"[" * 100_000 + b"]" * 100_000
+    got, message = status(parse_body, body, "application/json", Settings(max_body_bytes=len(body)))
+    assert got == 400
+    assert "nested too deeply" in message
+
+
 def test_json_single_batch_and_data_uri():
     png = b"\x89PNG fake"
     b64 = base64.b64encode(png).decode()
