@@ -146,15 +146,17 @@ class Predictor:
             return image_from_array(source, self.max_pixels)
         return decode(bytes(source), max_pixels=self.max_pixels, draft_size=self.preset.decode_size)
 
-    def preprocess(self, sources) -> torch.Tensor:
-        """uint8 NCHW batch of eval crops; an error names the image's position in a batch."""
+    def preprocess(self, sources, first: int = 0, total: int | None = None) -> torch.Tensor:
+        """uint8 NCHW batch of eval crops; an error names the image's position in the request, of
+        which `sources` may be the chunk from index `first` on, of `total` images."""
+        total = len(sources) if total is None else total
         crops = []
-        for i, source in enumerate(sources):
+        for i, source in enumerate(sources, start=first):
             try:
                 crops.append(self.preset(self.decode(source)))
             except ClassifierError as exc:
-                if len(sources) > 1:
-                    exc.args = (f"Image {i} of {len(sources)}: {exc}",)
+                if total > 1:
+                    exc.args = (f"Image {i} of {total}: {exc}",)
                 raise
         return torch.stack(crops)
 
@@ -165,7 +167,7 @@ class Predictor:
 
     def predict(self, sources) -> np.ndarray:
         """Probabilities, float32 (len(sources), num_classes)."""
-        out = [self.forward(self.preprocess(sources[start:start + self.chunk_size]))
+        out = [self.forward(self.preprocess(sources[start:start + self.chunk_size], start, len(sources)))
                for start in range(0, len(sources), self.chunk_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
+from imgcls import artifact
+from imgcls.errors import ImageDecodeError
 from imgcls.inference import InferenceModel, resolve_mode
 from imgcls.models import create_model
+from imgcls.presets import ClassificationPresetEval
+from serve.predictor import Predictor
 from serve.settings import Settings, SettingsError
 
 
@@ -83,3 +90,20 @@ def test_inductor_matches_eager(model):
     with torch.no_grad():
         reference = model(x)
     assert torch.allclose(served(x), reference, atol=1e-3)
+
+
+def _jpeg(shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (shade, 255 - shade, shade // 2)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_request_in_chunks_answers_as_one_batch_and_names_a_bad_image_by_its_place_in_the_request(model):
+    card = artifact.ModelCard(arch="resnet18", class_names=list("abcd"), preprocess=ClassificationPresetEval(48).to_dict())
+    whole, chunked = (Predictor(model, card, precision="fp32", chunk_size=size, compile="eager") for size in (32, 2))
+    images = [_jpeg(40 * i) for i in range(5)]
+    assert torch.allclose(torch.from_numpy(chunked.predict(images)), torch.from_numpy(whole.predict(images)), atol=1e-5)
+    images[3] = b"not a picture"
+    for predictor in (whole, chunked):
+        with pytest.raises(ImageDecodeError, match=r"^Image 3 of 5: "):
+            predictor.predict(images)
