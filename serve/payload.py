@@ -80,7 +80,9 @@ def _parse_npy(body: bytes) -> list[Source]:
 
 def _parse_json(body: bytes, fetch: Callable[[str], bytes] | None) -> list[Source]:
     try:
-        doc = json.loads(body.decode("utf-8"))
+        # From bytes, json detects UTF-8 with or without a BOM (which Windows tools write), UTF-16
+        # and UTF-32, as RFC 8259 lets a reader accept.
+        doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"The body is not valid JSON ({exc}).") from None
     except RecursionError:  # the decoder recurses per level: a few KB of '[' would be a 500

@@ -64,6 +64,12 @@ def test_bad_bodies_get_a_status_and_a_message(ctype, body, code, words):
     assert words in message
 
 
+@pytest.mark.parametrize("encode", [lambda s: b"\xef\xbb\xbf" + s.encode(), lambda s: s.encode("utf-16"),
+                                    lambda s: s.encode("utf-32")], ids=["utf-8 BOM", "utf-16", "utf-32"])
+def test_json_with_a_bom_or_in_utf16_or_utf32_is_read(encode):
+    assert parse_body(encode('{"image": "aGk="}'), "application/json", S) == [b"hi"]
+
+
 def test_json_nested_past_the_decoders_recursion_limit_is_a_bad_request():
     body = b"[" * 100_000 + b"]" * 100_000
     got, message = status(parse_body, body, "application/json", Settings(max_body_bytes=len(body)))
