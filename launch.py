@@ -126,6 +126,12 @@ class Aws:
     bucket: str
 
 
+def _not_the_troubleshooting_line(record: logging.LogRecord) -> bool:
+    """The SDK logs an ERROR pointing at its troubleshooting guide when a create call raises; a dry run
+    raises on purpose."""
+    return "troubleshooting guide" not in record.getMessage()
+
+
 def connect(settings: dict, on_request=None, dry_run: bool = False, check_bucket: bool = True) -> Aws:
     """Sessions for boto3 and the SageMaker SDK; every request passes `on_request(operation, params)`."""
     import boto3
@@ -147,22 +153,28 @@ def connect(settings: dict, on_request=None, dry_run: bool = False, check_bucket
 
     # Parameters as the API takes them, after the SDK built them and before botocore serializes them.
     session.events.register("before-parameter-build.*.*", before_call)
+    if dry_run:
+        logging.getLogger("sagemaker").addFilter(_not_the_troubleshooting_line)
     if check_bucket:
         try:
             session.client("s3").head_bucket(Bucket=bucket)
         except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise LaunchError(f"bucket {bucket!r} does not exist in this account: create it "
-                                  f"(aws s3 mb s3://{bucket} --region {region}) or pass another --bucket.") from None
-            raise LaunchError(f"bucket {bucket!r} cannot be used ({code}): check the bucket name and your "
-                              "permissions.") from None
+            raise bucket_error(exc, bucket, region, "--bucket") from None
         except botocore.exceptions.NoCredentialsError:
             raise LaunchError("no AWS credentials: run `aws configure` or set AWS_PROFILE.") from None
         except botocore.exceptions.EndpointConnectionError as exc:
             raise LaunchError(f"cannot reach AWS ({exc}).") from None
     import sagemaker
     return Aws(session, sagemaker.Session(boto_session=session, default_bucket=bucket or None), bucket)
+
+
+def bucket_error(exc, bucket: str, region: str, flag: str) -> LaunchError:
+    """A ClientError from S3 on `bucket`, as what the user does about it."""
+    code = exc.response.get("Error", {}).get("Code")
+    if code in ("404", "NoSuchBucket", "NotFound"):
+        return LaunchError(f"bucket {bucket!r} does not exist in this account: create it "
+                           f"(aws s3 mb s3://{bucket} --region {region}) or pass another {flag}.")
+    return LaunchError(f"bucket {bucket!r} cannot be used ({code}): check the bucket name and your permissions.")
 
 
 def s3_uri(aws: Aws, settings: dict, *parts: str) -> str:
@@ -316,24 +328,31 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 
 
 def channels(aws: Aws, settings: dict, args) -> dict[str, str]:
-    """Channel name -> S3 URI: explicit flags, else the upload-data layout's folders that exist."""
-    explicit = {c: getattr(args, c) for c in CHANNELS if getattr(args, c, None)}
+    """Channel name -> S3 URI: explicit data flags, else the upload-data layout's folders that exist;
+    and --pretrained with either."""
+    extra = {"pretrained": check_s3("--pretrained", args.pretrained)} if getattr(args, "pretrained", None) else {}
+    explicit = {c: check_s3(f"--{c}", getattr(args, c)) for c in ("train", "valid", "test") if getattr(args, c, None)}
     if explicit:
         if "train" not in explicit:
             raise LaunchError("no train channel: pass --train s3://... (class folders).")
-        return explicit
+        return explicit | extra
     data = args.data or s3_uri(aws, settings, "data")
     bucket, _, prefix = data.removeprefix("s3://").partition("/")
+    import botocore.exceptions
+
     s3 = aws.boto.client("s3")
     found = {}
     for channel in ("train", "valid", "test"):
         key = f"{prefix.rstrip('/')}/{channel}/".lstrip("/")
-        if s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0):
-            found[channel] = f"s3://{bucket}/{key}"
+        try:
+            if s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0):
+                found[channel] = f"s3://{bucket}/{key}"
+        except botocore.exceptions.ClientError as exc:  # --data names a bucket that --bucket's check did not see
+            raise bucket_error(exc, bucket, aws.boto.region_name, "--data") from None
     if "train" not in found:
         raise LaunchError(f"no train channel: nothing under {data.rstrip('/')}/train/; run upload-data first "
                           "or pass --train s3://...")
-    return found
+    return found | extra
 
 
 def make_estimator(args, settings, aws: Aws, hyperparameters: dict):
@@ -349,8 +368,6 @@ def make_estimator(args, settings, aws: Aws, hyperparameters: dict):
 
     image = need(settings, "train_image", "pass --train-image (the first URI build_and_push.sh printed).")
     role = need(settings, "role", "pass --role, set IMGCLS_ROLE or add \"role\" to launch.json.")
-    if args.instance_count < 1:
-        raise LaunchError(f"--instance-count {args.instance_count}: a training job needs at least 1 instance.")
     if args.instance_count > 1:
         # The image needs nothing more: SageMaker's resourceconfig.json names the hosts, every host
         # gets all the data (FullyReplicated, the SDK's default) and the trainer shards it per rank.
@@ -460,6 +477,44 @@ def _choices(text: str, flag: str) -> list[str]:
     if not items:
         raise LaunchError(f"{flag} is empty: give at least one value.")
     return items
+
+
+def _whole(flag: str):
+    """An argparse type: a whole number >= 1, or a one-line error naming the flag (SageMaker would
+    refuse the request later, with a longer message, or not at all for a dry run)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise LaunchError(f"{flag} {text!r} is not a whole number.") from None
+        if value < 1:
+            raise LaunchError(f"{flag} {value} must be at least 1.")
+        return value
+    return parse
+
+
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+
+
+def check_s3(flag: str, text: str) -> str:
+    """An s3://BUCKET/... URI, or a one-line error: the SDK would raise a ValueError with a traceback."""
+    if not S3_URI.match(text):
+        raise LaunchError(f"{flag} {text!r} is not an S3 URI: expected s3://BUCKET/PREFIX/ (the bucket's name in "
+                          "lower case, 3-63 characters).")
+    return text
+
+
+def _s3(flag: str):
+    """An argparse type for a flag that only ever names S3 (the channel flags name paths with --local)."""
+    return lambda text: check_s3(flag, text)
+
+
+def _instance_type(text: str) -> str:
+    if not INSTANCE_TYPE.match(text):
+        raise LaunchError(f"--instance-type {text!r} is not a SageMaker instance type: expected ml.FAMILY.SIZE, "
+                          "e.g. ml.g5.xlarge or ml.m5.large.")
+    return text
 
 
 def tuning_ranges(args, epochs: tuple[float, float]) -> dict:
@@ -796,8 +851,6 @@ def cmd_predict(args, settings, on_request=None) -> int:
 
 def cmd_transform(args, settings, on_request=None) -> int:
     aws = connect(settings, on_request, dry_run=args.dry_run)
-    if not args.input.startswith("s3://"):
-        raise LaunchError(f"--input {args.input!r} must be an s3:// prefix of images.")
     model = make_model(args, settings, aws)
     output = args.output or s3_uri(aws, settings, "transform", time.strftime("%Y%m%d-%H%M%S"))
     transformer = model.transformer(
@@ -930,16 +983,18 @@ def cmd_metric_definitions(args, settings, on_request=None) -> int:
 def _training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--hp", action="append", metavar="NAME=VALUE", help="a hyperparameter (repeat); see README")
-    g.add_argument("--instance-type", default="ml.g4dn.xlarge")
-    g.add_argument("--instance-count", type=int, default=1)
-    g.add_argument("--volume-size", type=int, default=50, help="GB of EBS for the job")
-    g.add_argument("--max-run", type=int, default=24 * 3600, help="seconds before SageMaker stops the job")
+    g.add_argument("--instance-type", type=_instance_type, default="ml.g4dn.xlarge")
+    g.add_argument("--instance-count", type=_whole("--instance-count"), default=1)
+    g.add_argument("--volume-size", type=_whole("--volume-size"), default=50, help="GB of EBS for the job")
+    g.add_argument("--max-run", type=_whole("--max-run"), default=24 * 3600,
+                   help="seconds before SageMaker stops the job")
     g.add_argument("--spot", action="store_true", help="managed spot training; resumes from checkpoints")
-    g.add_argument("--max-wait", type=int, help="seconds to wait for spot capacity plus run (default 2 x max-run)")
+    g.add_argument("--max-wait", type=_whole("--max-wait"),
+                   help="seconds to wait for spot capacity plus run (default 2 x max-run)")
     g.add_argument("--job-name")
     g.add_argument("--wait", action="store_true", help="wait and stream the job's log")
     g = p.add_argument_group("data (default: the upload-data layout under s3://BUCKET/PREFIX/data/)")
-    g.add_argument("--data", help="s3:// prefix holding train/, valid/, test/")
+    g.add_argument("--data", type=_s3("--data"), help="s3:// prefix holding train/, valid/, test/")
     for channel in CHANNELS:
         g.add_argument(f"--{channel}", metavar="S3_URI", help=f"the {channel} channel")
     g = p.add_argument_group("debugger and profiler")
@@ -947,7 +1002,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-debugger-rules", action="store_true")
     g.add_argument("--collections", type=lambda s: _choices(s, "--collections"), default=list(DEBUGGER_COLLECTIONS),
                    help="debugger collections, comma-separated (default: losses,weights,gradients,biases)")
-    g.add_argument("--save-interval", type=int, default=100, help="steps between debugger saves")
+    g.add_argument("--save-interval", type=_whole("--save-interval"), default=100, help="steps between debugger saves")
     g.add_argument("--no-profiler", action="store_true", help="no ProfilerConfig and no profiler rules")
     g.add_argument("--no-profiler-rules", action="store_true")
 
@@ -966,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upload-data", parents=[common], help="class folders (or dogImages.zip, CIFAR-100) to S3")
     p.add_argument("source", help="a folder with train/ (valid/, test/), or an archive with --format")
     p.add_argument("--format", choices=("folders", "dogimages", "cifar100"), default="folders")
-    p.add_argument("--s3", help="destination prefix (default s3://BUCKET/PREFIX/data)")
+    p.add_argument("--s3", type=_s3("--s3"), help="destination prefix (default s3://BUCKET/PREFIX/data)")
     p.set_defaults(func=cmd_upload_data)
 
     p = sub.add_parser("train", parents=[common], help="start a training job")
@@ -990,8 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", choices=("Bayesian", "Random", "Hyperband"), default="Bayesian")
     g.add_argument("--no-early-stopping", dest="early_stopping", action="store_false")
     g.add_argument("--warm-start", action="append", metavar="TUNING_JOB", help="a parent tuning job (repeat)")
-    g.add_argument("--max-jobs", type=int, default=12)
-    g.add_argument("--max-parallel-jobs", type=int, default=3)
+    g.add_argument("--max-jobs", type=_whole("--max-jobs"), default=12)
+    g.add_argument("--max-parallel-jobs", type=_whole("--max-parallel-jobs"), default=3)
     g = p.add_argument_group("tune --local: Optuna on this machine, each trial a run of the training program")
     g.add_argument("--local", action="store_true")
     g.add_argument("--local-data", help="class folders on disk")
@@ -1008,36 +1063,38 @@ def build_parser() -> argparse.ArgumentParser:
     def model_flags(p):
         p.add_argument("--model-data", required=True, help="s3://.../model.tar.gz from a training job")
         p.add_argument("--model-name")
-        p.add_argument("--top-k", type=int, default=5)
+        p.add_argument("--top-k", type=_whole("--top-k"), default=5)
         p.add_argument("--wait", action="store_true")
 
     p = sub.add_parser("deploy", parents=[common], help="a real-time or serverless endpoint")
     model_flags(p)
     p.add_argument("--endpoint-name")
-    p.add_argument("--instance-type", default="ml.m5.large")
-    p.add_argument("--instance-count", type=int, default=1)
-    p.add_argument("--startup-timeout", type=int, default=600, help="seconds for the container to become healthy")
+    p.add_argument("--instance-type", type=_instance_type, default="ml.m5.large")
+    p.add_argument("--instance-count", type=_whole("--instance-count"), default=1)
+    p.add_argument("--startup-timeout", type=_whole("--startup-timeout"), default=600,
+                   help="seconds for the container to become healthy")
     p.add_argument("--serverless", action="store_true")
     p.add_argument("--local", action="store_true", help="SageMaker local mode: serve on localhost:8080 until Ctrl-C")
     p.add_argument("--memory-mb", type=int, default=4096, help="serverless memory")
-    p.add_argument("--max-concurrency", type=int, default=5, help="serverless concurrency")
+    p.add_argument("--max-concurrency", type=_whole("--max-concurrency"), default=5, help="serverless concurrency")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("predict", parents=[common], help="send an image file or folder, print the top-k")
     p.add_argument("endpoint", nargs="?", help="endpoint name (or --url)")
     p.add_argument("path")
     p.add_argument("--url", help="a running server instead of an endpoint, e.g. http://127.0.0.1:8080")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_whole("--top-k"), default=3)
     p.add_argument("--json", action="store_true", help='send {"image": base64} as application/json instead of raw bytes')
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("transform", parents=[common], help="batch transform over an S3 prefix of images")
     model_flags(p)
-    p.add_argument("--input", required=True, help="s3:// prefix of images, one image per object")
-    p.add_argument("--output", help="s3:// prefix for the results (default s3://BUCKET/PREFIX/transform/...)")
+    p.add_argument("--input", type=_s3("--input"), required=True, help="s3:// prefix of images, one image per object")
+    p.add_argument("--output", type=_s3("--output"),
+                   help="s3:// prefix for the results (default s3://BUCKET/PREFIX/transform/...)")
     p.add_argument("--content-type", default="application/x-image")
-    p.add_argument("--instance-type", default="ml.m5.xlarge")
-    p.add_argument("--instance-count", type=int, default=1)
+    p.add_argument("--instance-type", type=_instance_type, default="ml.m5.xlarge")
+    p.add_argument("--instance-count", type=_whole("--instance-count"), default=1)
     p.add_argument("--max-payload-mb", type=int, default=6)
     p.add_argument("--job-name")
     p.set_defaults(func=cmd_transform)
@@ -1062,8 +1119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, on_request=None) -> int:
     """on_request(operation, params) sees every AWS request before it is sent (tests, auditing)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # the argument types raise LaunchError too
         settings = resolve_settings(args)
         return args.func(args, settings, on_request)
     except DryRun as dry:

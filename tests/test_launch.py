@@ -287,12 +287,14 @@ def test_deploy_transform_and_cleanup(moto, capsys):
     assert "ep-1" not in names and "ep-2" in names
 
 
-def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys):
+def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys, caplog):
     code, rec, out, err = run(["train", "--dry-run", "--job-name", "never-sent"], capsys)
     assert code == 0, err
     printed = json.loads(out)
     assert printed["operation"] == "CreateTrainingJob"
     assert printed["request"]["TrainingJobName"] == "never-sent"
+    # The SDK logs an ERROR for a create call that stopped; a dry run stops it on purpose.
+    assert not [r for r in caplog.records if "troubleshooting" in r.getMessage()]
     sm = boto3.client("sagemaker", region_name=REGION)
     assert "never-sent" not in [j["TrainingJobName"] for j in sm.list_training_jobs()["TrainingJobSummaries"]]
 
@@ -309,6 +311,16 @@ def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys):
     (["train", "--hp", "learning-rate=0.1"], {}, "learning-rate"),
     (["deploy", "--model-data", "model.tar.gz"], {}, "must be the s3://"),
     (["train", "--data", "s3://imgcls-test/nothing-here"], {}, "no train channel"),
+    (["train", "--data", "s3://no-such-bucket-here/data"], {}, "bucket 'no-such-bucket-here' does not exist"),
+    (["train", "--train", "s3:/imgcls-test/train"], {}, "--train 's3:/imgcls-test/train' is not an S3 URI"),
+    (["train", "--data", "imgcls-test/data"], {}, "--data 'imgcls-test/data' is not an S3 URI"),
+    (["train", "--collections", ","], {}, "--collections is empty"),
+    (["train", "--max-run", "0"], {}, "--max-run 0 must be at least 1"),
+    (["train", "--volume-size", "fifty"], {}, "--volume-size 'fifty' is not a whole number"),
+    (["train", "--instance-type", "ml.banana"], {}, "'ml.banana' is not a SageMaker instance type"),
+    (["tune", "--max-jobs", "0"], {}, "--max-jobs 0 must be at least 1"),
+    (["transform", "--model-data", "s3://imgcls-test/m.tar.gz", "--input", "s3:/imgcls-test/x"], {},
+     "--input 's3:/imgcls-test/x' is not an S3 URI"),
     (["train"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no AWS credentials"),
 ])
 def test_errors_are_one_line(uploaded, capsys, monkeypatch, argv, env, words):
@@ -321,6 +333,16 @@ def test_errors_are_one_line(uploaded, capsys, monkeypatch, argv, env, words):
     assert code == 2
     assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1
     assert "CreateTrainingJob" not in rec.ops() and "CreateHyperParameterTuningJob" not in rec.ops()
+
+
+def test_a_pretrained_channel_joins_the_uploaded_data(uploaded, capsys):
+    code, rec, out, err = run(["train", "--pretrained", "s3://imgcls-test/weights/resnet50.pth", "--job-name",
+                               "job-pretrained"], capsys)
+    assert code == 0, err
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+                for c in rec.one("CreateTrainingJob")["InputDataConfig"]}
+    assert channels == {**{c: f"s3://imgcls-test/imgcls/data/{c}/" for c in ("train", "valid", "test")},
+                        "pretrained": "s3://imgcls-test/weights/resnet50.pth"}
 
 
 def test_predict_against_an_endpoint(moto, tmp_path, capsys):
@@ -440,4 +462,4 @@ def test_train_on_several_instances(uploaded, capsys):
     assert req["HyperParameters"]["processes-per-host"].strip('"') == "auto"
     assert "data parallel: 2 instances" in err and "with --spot, an interruption of any instance" in err
     code, rec, _, err = run(["train", "--instance-count", "0", "--job-name", "job-none"], capsys)
-    assert code != 0 and "at least 1 instance" in err and "CreateTrainingJob" not in rec.ops()
+    assert code == 2 and "--instance-count 0 must be at least 1" in err and "CreateTrainingJob" not in rec.ops()
