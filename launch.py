@@ -494,6 +494,8 @@ def _whole(flag: str):
 
 
 S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's, for jobs, models and endpoints
+SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 
 
@@ -508,6 +510,32 @@ def check_s3(flag: str, text: str) -> str:
 def _s3(flag: str):
     """An argparse type for a flag that only ever names S3 (the channel flags name paths with --local)."""
     return lambda text: check_s3(flag, text)
+
+
+def _name(flag: str):
+    def parse(text: str) -> str:
+        if not JOB_NAME.match(text):
+            raise LaunchError(f"{flag} {text!r} is not a SageMaker name: up to 63 letters, digits and hyphens, "
+                              "starting and ending with a letter or digit.")
+        return text
+    return parse
+
+
+def _whole_at_most(flag: str, most: int):
+    def parse(text: str) -> int:
+        value = _whole(flag)(text)
+        if value > most:
+            raise LaunchError(f"{flag} {value} is more than SageMaker allows ({most}).")
+        return value
+    return parse
+
+
+def _serverless_memory(text: str) -> int:
+    value = _whole("--memory-mb")(text)
+    if value not in SERVERLESS_MEMORY_MB:
+        raise LaunchError(f"--memory-mb {value}: serverless endpoints take one of "
+                          f"{', '.join(map(str, SERVERLESS_MEMORY_MB))}.")
+    return value
 
 
 def _instance_type(text: str) -> str:
@@ -578,6 +606,9 @@ def cmd_tune(args, settings, on_request=None) -> int:
         early_stopping_type="Off" if args.strategy == "Hyperband" or not args.early_stopping else "Auto",
         base_tuning_job_name=settings["prefix"], **kwargs)
     tuning_name = args.job_name or f"{settings['prefix']}-tune-{time.strftime('%m%d-%H%M%S')}"
+    if len(tuning_name) > 32:
+        raise LaunchError(f"tuning job name {tuning_name!r} is {len(tuning_name)} characters; SageMaker allows 32: "
+                          "pass a shorter --job-name (or --prefix).")
     tuner.fit(inputs, job_name=tuning_name, wait=False)
     print(f"tuning job {tuning_name} started: {args.max_jobs} jobs, {args.max_parallel_jobs} at a time, "
           f"{direction.lower()} {metric}")
@@ -880,9 +911,6 @@ def cmd_cleanup(args, settings, on_request=None) -> int:
     return 0
 
 
-JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-
-
 def _s3_split(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
@@ -991,7 +1019,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spot", action="store_true", help="managed spot training; resumes from checkpoints")
     g.add_argument("--max-wait", type=_whole("--max-wait"),
                    help="seconds to wait for spot capacity plus run (default 2 x max-run)")
-    g.add_argument("--job-name")
+    g.add_argument("--job-name", type=_name("--job-name"))
     g.add_argument("--wait", action="store_true", help="wait and stream the job's log")
     g = p.add_argument_group("data (default: the upload-data layout under s3://BUCKET/PREFIX/data/)")
     g.add_argument("--data", type=_s3("--data"), help="s3:// prefix holding train/, valid/, test/")
@@ -1062,21 +1090,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_flags(p):
         p.add_argument("--model-data", required=True, help="s3://.../model.tar.gz from a training job")
-        p.add_argument("--model-name")
+        p.add_argument("--model-name", type=_name("--model-name"))
         p.add_argument("--top-k", type=_whole("--top-k"), default=5)
         p.add_argument("--wait", action="store_true")
 
     p = sub.add_parser("deploy", parents=[common], help="a real-time or serverless endpoint")
     model_flags(p)
-    p.add_argument("--endpoint-name")
+    p.add_argument("--endpoint-name", type=_name("--endpoint-name"))
     p.add_argument("--instance-type", type=_instance_type, default="ml.m5.large")
     p.add_argument("--instance-count", type=_whole("--instance-count"), default=1)
     p.add_argument("--startup-timeout", type=_whole("--startup-timeout"), default=600,
                    help="seconds for the container to become healthy")
     p.add_argument("--serverless", action="store_true")
     p.add_argument("--local", action="store_true", help="SageMaker local mode: serve on localhost:8080 until Ctrl-C")
-    p.add_argument("--memory-mb", type=int, default=4096, help="serverless memory")
-    p.add_argument("--max-concurrency", type=_whole("--max-concurrency"), default=5, help="serverless concurrency")
+    p.add_argument("--memory-mb", type=_serverless_memory, default=4096, help="serverless memory")
+    p.add_argument("--max-concurrency", type=_whole_at_most("--max-concurrency", 200), default=5,
+                   help="serverless concurrency")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("predict", parents=[common], help="send an image file or folder, print the top-k")
@@ -1095,8 +1124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-type", default="application/x-image")
     p.add_argument("--instance-type", type=_instance_type, default="ml.m5.xlarge")
     p.add_argument("--instance-count", type=_whole("--instance-count"), default=1)
-    p.add_argument("--max-payload-mb", type=int, default=6)
-    p.add_argument("--job-name")
+    p.add_argument("--max-payload-mb", type=_whole_at_most("--max-payload-mb", 100), default=6)
+    p.add_argument("--job-name", type=_name("--job-name"))
     p.set_defaults(func=cmd_transform)
 
     p = sub.add_parser("cleanup", parents=[common], help="delete an endpoint, its config and its models")

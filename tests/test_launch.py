@@ -321,6 +321,13 @@ def test_dry_run_prints_the_request_and_sends_nothing(uploaded, capsys, caplog):
     (["tune", "--max-jobs", "0"], {}, "--max-jobs 0 must be at least 1"),
     (["transform", "--model-data", "s3://imgcls-test/m.tar.gz", "--input", "s3:/imgcls-test/x"], {},
      "--input 's3:/imgcls-test/x' is not an S3 URI"),
+    (["transform", "--model-data", "s3://imgcls-test/m.tar.gz", "--input", "s3://imgcls-test/x/",
+      "--max-payload-mb", "500"], {}, "--max-payload-mb 500 is more than SageMaker allows (100)"),
+    (["deploy", "--model-data", "s3://imgcls-test/m.tar.gz", "--serverless", "--memory-mb", "1000"], {},
+     "--memory-mb 1000: serverless endpoints take one of 1024, 2048"),
+    (["deploy", "--model-data", "s3://imgcls-test/m.tar.gz", "--endpoint-name", "my_endpoint"], {},
+     "--endpoint-name 'my_endpoint' is not a SageMaker name"),
+    (["tune", "--job-name", "a-tuning-job-name-longer-than-32-chars"], {}, "SageMaker allows 32"),
     (["train"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no AWS credentials"),
 ])
 def test_errors_are_one_line(uploaded, capsys, monkeypatch, argv, env, words):
