@@ -232,7 +232,11 @@ def engine_error(exc: BaseException) -> LaunchError:
 def convert_dogimages(archive: Path, out: Path) -> Path:
     """dogImages.zip (dogImages/{train,valid,test}/NNN.Breed/*.jpg) to out/{train,valid,test}/NNN.Breed/."""
     import zipfile
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise LaunchError(f"{archive} is not a zip archive ({exc}): --format dogimages takes dogImages.zip.") from None
+    with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         for m in members:
             parts = Path(m.filename).parts
@@ -262,7 +266,12 @@ def convert_cifar100(archive: Path, out: Path) -> Path:
             raise LaunchError(f"{archive} has no '{name}' file: is it the CIFAR-100 python archive?")
         return pickle.load(tf.extractfile(member), encoding="bytes")
 
-    with tarfile.open(archive) as tf:
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError:  # its message spans lines, one per compression it tried
+        raise LaunchError(f"{archive} is not a tar archive (plain, gzip, bz2 or xz): --format cifar100 takes "
+                          "cifar-100-python.tar.gz.") from None
+    with tf:
         names = [n.decode() for n in load(tf, "meta")[b"fine_label_names"]]
         for split in ("train", "test"):
             batch = load(tf, split)
@@ -278,6 +287,8 @@ def cmd_upload_data(args, settings, on_request=None) -> int:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
+    import boto3.exceptions
+    import botocore.exceptions
     from tqdm import tqdm
 
     src = Path(args.source)
@@ -296,12 +307,20 @@ def cmd_upload_data(args, settings, on_request=None) -> int:
         dest = args.s3 or s3_uri(aws, settings, "data")
         bucket, _, key_prefix = dest.removeprefix("s3://").partition("/")
         s3 = aws.boto.client("s3")
+        if bucket != aws.bucket:  # connect checked --bucket, not this one
+            try:
+                s3.head_bucket(Bucket=bucket)
+            except botocore.exceptions.ClientError as exc:
+                raise bucket_error(exc, bucket, aws.boto.region_name, "--s3") from None
         with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="upload") as bar:
             def put(path: Path):
                 key = f"{key_prefix.rstrip('/')}/{path.relative_to(src).as_posix()}".lstrip("/")
                 s3.upload_file(str(path), bucket, key, Callback=bar.update)
             with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(put, files))
+                try:
+                    list(pool.map(put, files))
+                except boto3.exceptions.S3UploadFailedError as exc:
+                    raise LaunchError(f"the upload to {dest} failed: {exc}") from None
         print(f"uploaded {len(files)} files ({', '.join(splits)}) to {dest}")
     return 0
 

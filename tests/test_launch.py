@@ -342,6 +342,18 @@ def test_errors_are_one_line(uploaded, capsys, monkeypatch, argv, env, words):
     assert "CreateTrainingJob" not in rec.ops() and "CreateHyperParameterTuningJob" not in rec.ops()
 
 
+def test_upload_data_errors_are_one_line(uploaded, tmp_path, capsys):
+    junk = tmp_path / "dogImages.zip"
+    junk.write_bytes(b"not an archive")
+    for argv, words in [(["--format", "dogimages"], "is not a zip archive"),
+                        (["--format", "cifar100"], "is not a tar archive"),
+                        (["--s3", "s3://no-such-bucket-here/data"], "bucket 'no-such-bucket-here' does not exist")]:
+        source = str(uploaded) if argv[0] == "--s3" else str(junk)
+        code, rec, out, err = run(["upload-data", source, *argv], capsys)
+        assert code == 2 and err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
+        assert "PutObject" not in rec.ops()
+
+
 def test_a_pretrained_channel_joins_the_uploaded_data(uploaded, capsys):
     code, rec, out, err = run(["train", "--pretrained", "s3://imgcls-test/weights/resnet50.pth", "--job-name",
                                "job-pretrained"], capsys)
