@@ -63,6 +63,13 @@ def test_empty_train_class_folder_is_an_error(tmp_path):
         data.check_class_sets(train, [])
 
 
+def test_one_class_is_an_error(tmp_path):
+    make_dataset(tmp_path, per_class=2, size=16, classes=1)
+    train = data.scan_channel("train", tmp_path / "train")
+    with pytest.raises(data.DataError, match=r"has one class folder \('circle'\): a classifier needs at least two"):
+        data.check_class_sets(train, [])
+
+
 def test_split_is_stratified_seeded_and_disjoint(tmp_path):
     make_dataset(tmp_path, per_class=10, size=16, classes=3)
     ch = data.scan_channel("train", tmp_path / "train")

@@ -86,6 +86,9 @@ def scan_channel(name: str, root: Path, workers: int = 4) -> Channel:
 
 
 def check_class_sets(train: Channel, others: list[Channel]) -> None:
+    if len(train.classes) < 2:  # the job would run, and learn that everything is the one class
+        raise DataError(f"The 'train' channel ({train.root}) has one class folder ({train.classes[0]!r}): a "
+                        "classifier needs at least two, one folder per class.")
     empty = [c for c, n in train.class_counts(train.classes).items() if n == 0]
     if empty:
         raise DataError(f"Class folder(s) {', '.join(str(train.root / c) for c in empty)} of the 'train' "
