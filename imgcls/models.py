@@ -88,13 +88,15 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> list[str]:
     skipped = [k for k, v in state_dict.items()
                if k.startswith(head + ".") and k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in state_dict.items() if k not in skipped}
-    result = model.load_state_dict(usable, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
     bad_shapes = [k for k, v in usable.items() if k in own and own[k].shape != v.shape]
+    # load_state_dict raises on a shape mismatch even with strict=False, with every key in one message
+    result = model.load_state_dict({k: v for k, v in usable.items() if k not in bad_shapes}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head + ".") and k not in bad_shapes]
     if missing or result.unexpected_keys or bad_shapes:
-        detail = (missing or result.unexpected_keys or bad_shapes)[:5]
+        shapes = [f"{k} {tuple(usable[k].shape)} in the file, {tuple(own[k].shape)} here" for k in bad_shapes]
+        detail = (shapes or missing or result.unexpected_keys)[:3]
         raise WeightsError(
-            f"The weights from {source} do not fit {type(model).__name__} "
+            f"The weights from {source} do not fit this {type(model).__name__} "
             f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected, {len(bad_shapes)} of "
             f"another shape, e.g. {detail}): check that the 'arch' hyperparameter names the "
             "architecture the weights were trained with."
@@ -103,11 +105,12 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> list[str]:
 
 
 def create_model(arch: str, num_classes: int, weights: str | None = None,
-                 state_dict: dict | None = None) -> nn.Module:
+                 state_dict: dict | None = None, source: str = "the given state dict") -> nn.Module:
     """Build `arch` with a new head for `num_classes`.
 
     weights: None (random init), "imagenet" (local torchvision cache), or "state_dict" to load
-    the given `state_dict` (a pretrained file, or an artifact's own weights).
+    the given `state_dict` (a pretrained file, or an artifact's own weights), which an error names
+    as `source`.
     """
     if arch not in available_architectures():
         raise WeightsError(f"Unknown architecture {arch!r}: use one of torchvision's classification "
@@ -122,7 +125,7 @@ def create_model(arch: str, num_classes: int, weights: str | None = None,
     if weights == "state_dict":
         if state_dict is None:
             raise ValueError("weights='state_dict' needs state_dict")
-        load_weights(model, state_dict, "the given state dict")
+        load_weights(model, state_dict, source)
     elif weights not in (None, "imagenet"):
         raise ValueError(f"weights must be None, 'imagenet' or 'state_dict', got {weights!r}")
     return model

@@ -37,6 +37,10 @@ def test_imagenet_weights_missing_and_present(tmp_path, monkeypatch):
 def test_weights_of_another_architecture_are_refused():
     with pytest.raises(WeightsError, match="check that the 'arch' hyperparameter"):
         load_weights(torchvision.models.resnet18(), torchvision.models.resnet34().state_dict(), "x")
+    # resnet50's bottleneck blocks: the same key names as resnet18's, other shapes
+    with pytest.raises(WeightsError, match=r"0 missing, \d+ unexpected, \d+ of another shape, e\.g\. "
+                                           r"\['layer1\.0\.conv1\.weight \(64, 64, 1, 1\) in the file, \(64, 64, 3, 3\) here'"):
+        load_weights(torchvision.models.resnet18(), torchvision.models.resnet50().state_dict(), "x")
 
 
 def test_checkpoint_shapes_are_unwrapped():

@@ -261,7 +261,7 @@ def train(cfg: hyperparams.Config, job: contract.Job, rank: distributed.Rank) ->
         log.info("top-k %d is more than the %d classes: reporting top-%d", cfg.top_k, len(classes), top_k)
 
     init, state_dict, source = weights.resolve(cfg.weights, job.channels.get("pretrained"))
-    model = create_model(cfg.arch, len(classes), weights=init, state_dict=state_dict)
+    model = create_model(cfg.arch, len(classes), weights=init, state_dict=state_dict, source=source)
     frozen = finetune.frozen_prefixes(model, cfg.freeze)
     trainable = finetune.apply_freeze(model, frozen)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

@@ -26,8 +26,15 @@ def _find_file(directory: Path) -> Path:
     tarballs = sorted(directory.rglob("*.tar.gz"))
     if not files and len(tarballs) == 1:
         extracted = Path(tempfile.mkdtemp(prefix="pretrained-"))
-        with tarfile.open(tarballs[0]) as tar:
-            tar.extractall(extracted, filter="data")
+        try:
+            with tarfile.open(tarballs[0]) as tar:
+                tar.extractall(extracted, filter="data")
+        # Not a tar.gz (TarError), or one cut short in the copy (gzip's EOFError); OSError for the
+        # rest of what gzip raises, a full disk included, which the message then names.
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise WeightsError(f"{tarballs[0]} in the 'pretrained' channel is not a readable tar.gz archive "
+                               f"({type(exc).__name__}: {exc}): pass the model.tar.gz a training job wrote, or "
+                               "a state dict file.") from None
         return _find_file(extracted)
     if not files:
         raise WeightsError(f"The 'pretrained' channel ({directory}) holds no weights file: put one state dict or "
