@@ -872,7 +872,11 @@ def cmd_predict(args, settings, on_request=None) -> int:
                                                Accept="application/json", CustomAttributes=f"top_k={args.top_k}")
                 return 200, resp["Body"].read()
             except botocore.exceptions.ClientError as exc:
-                return 400, json.dumps({"message": str(exc)}).encode()
+                error = exc.response.get("Error", {})
+                if error.get("Code") != "ModelError":  # the endpoint (missing, not in service, no access), not the image
+                    raise LaunchError(f"endpoint {args.endpoint!r} did not answer: {error.get('Code')}: "
+                                      f"{' '.join(str(error.get('Message')).split())[:300]}") from None
+                return exc.response.get("OriginalStatusCode", 400), json.dumps({"message": str(exc)}).encode()
     failures = 0
     for path in files:
         if args.json:

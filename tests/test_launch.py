@@ -388,6 +388,17 @@ def test_predict_against_an_endpoint(moto, tmp_path, capsys):
     assert "unexpected answer" in lines[1] and code == 1
 
 
+def test_predict_stops_at_an_error_of_the_endpoint_not_of_an_image(moto, tmp_path, capsys):
+    """Any error but ModelError (the container's answer to one image) is the endpoint's: a missing one
+    is a ValidationError on SageMaker; moto answers a binary body with a 500."""
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(_jpeg((1, 2, 3)))
+    code, rec, out, err = run(["predict", "no-such-endpoint", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: endpoint 'no-such-endpoint' did not answer: ")
+    assert len(err.strip().splitlines()) == 1
+    assert [op for op in rec.ops() if op == "InvokeEndpoint"] == ["InvokeEndpoint"]  # not once per file
+
+
 def test_predict_against_a_local_server(tmp_path, capsys):
     from imgcls import artifact
     from imgcls.models import create_model
