@@ -157,9 +157,7 @@ def connect(settings: dict, on_request=None, dry_run: bool = False, check_bucket
         logging.getLogger("sagemaker").addFilter(_not_the_troubleshooting_line)
     if check_bucket:
         try:
-            session.client("s3").head_bucket(Bucket=bucket)
-        except botocore.exceptions.ClientError as exc:
-            raise bucket_error(exc, bucket, region, "--bucket") from None
+            require_bucket(session.client("s3"), bucket, region, "--bucket")
         except botocore.exceptions.NoCredentialsError:
             raise LaunchError("no AWS credentials: run `aws configure` or set AWS_PROFILE.") from None
         except botocore.exceptions.EndpointConnectionError as exc:
@@ -175,6 +173,14 @@ def bucket_error(exc, bucket: str, region: str, flag: str) -> LaunchError:
         return LaunchError(f"bucket {bucket!r} does not exist in this account: create it "
                            f"(aws s3 mb s3://{bucket} --region {region}) or pass another {flag}.")
     return LaunchError(f"bucket {bucket!r} cannot be used ({code}): check the bucket name and your permissions.")
+
+
+def require_bucket(s3, bucket: str, region: str, flag: str) -> None:
+    import botocore.exceptions
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        raise bucket_error(exc, bucket, region, flag) from None
 
 
 def s3_uri(aws: Aws, settings: dict, *parts: str) -> str:
@@ -288,7 +294,6 @@ def cmd_upload_data(args, settings, on_request=None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3.exceptions
-    import botocore.exceptions
     from tqdm import tqdm
 
     src = Path(args.source)
@@ -308,10 +313,7 @@ def cmd_upload_data(args, settings, on_request=None) -> int:
         bucket, _, key_prefix = dest.removeprefix("s3://").partition("/")
         s3 = aws.boto.client("s3")
         if bucket != aws.bucket:  # connect checked --bucket, not this one
-            try:
-                s3.head_bucket(Bucket=bucket)
-            except botocore.exceptions.ClientError as exc:
-                raise bucket_error(exc, bucket, aws.boto.region_name, "--s3") from None
+            require_bucket(s3, bucket, aws.boto.region_name, "--s3")
         with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="upload") as bar:
             def put(path: Path):
                 key = f"{key_prefix.rstrip('/')}/{path.relative_to(src).as_posix()}".lstrip("/")
